@@ -1,0 +1,1 @@
+"""hf_rlprune: structured pruning with a PPO agent, as a Hugging Face Trainer callback."""
