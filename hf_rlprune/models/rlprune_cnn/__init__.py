@@ -1,0 +1,2 @@
+from .configuration_rlprune_cnn import CIFAR10_LABELS, RLPruneCNNConfig
+from .modeling_rlprune_cnn import RLPruneCNNForImageClassification, RLPruneCNNPreTrainedModel

@@ -1,0 +1,2 @@
+from .configuration_rlprune_lstm import RLPruneLSTMConfig
+from .modeling_rlprune_lstm import RLPruneLSTMForSequenceClassification, RLPruneLSTMPreTrainedModel

@@ -1,0 +1,108 @@
+"""The reference IMDB LSTM as a PreTrainedModel: embedding -> stacked LSTMs -> dense layers -> one sigmoid unit.
+
+Self-contained on purpose: a saved model loads with `trust_remote_code=True` where hf_rlprune is not installed.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+try:  # transformers >= 5 tracks which tensors were initialized; fall back to torch's init on older releases
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+from .configuration_rlprune_lstm import RLPruneLSTMConfig
+
+
+class RLPruneLSTMPreTrainedModel(PreTrainedModel):
+    config_class = RLPruneLSTMConfig
+    base_model_prefix = "rlprune_lstm"
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.embedding_dim))
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LSTM):
+            bound = 1.0 / math.sqrt(module.hidden_size)
+            for name, param in module.named_parameters():
+                init.uniform_(param, -bound, bound)
+                if name.startswith("bias_ih"):
+                    # forget-gate bias 1 (Jozefowicz et al. 2015): gates are ordered input, forget, cell, output
+                    init.constant_(param[module.hidden_size : 2 * module.hidden_size], 1.0)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1])
+                init.uniform_(module.bias, -bound, bound)
+
+
+class RLPruneLSTMForSequenceClassification(RLPruneLSTMPreTrainedModel):
+    def __init__(self, config: RLPruneLSTMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
+        lstm_inputs = [config.embedding_dim] + config.lstm_hidden_sizes[:-1]
+        # One nn.LSTM per layer so that each layer can have its own (pruned) width.
+        self.lstm_layers = nn.ModuleList(
+            nn.LSTM(d_in, d_hidden, batch_first=True) for d_in, d_hidden in zip(lstm_inputs, config.lstm_hidden_sizes)
+        )
+        dense_inputs = [config.lstm_hidden_sizes[-1]] + config.hidden_sizes[:-1]
+        self.hidden_layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dense_inputs, config.hidden_sizes))
+        self.dropout = nn.Dropout(config.dropout)
+        last_width = config.hidden_sizes[-1] if config.hidden_sizes else config.lstm_hidden_sizes[-1]
+        self.classifier = nn.Linear(last_width, 1)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        if input_ids is None:
+            raise ValueError("input_ids is required: an integer tensor of shape (batch, sequence_length).")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id if self.config.pad_token_id is not None else torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(torch.long)
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+            # The LSTM reads left to right, so the state at the last real token ignores right padding; left padding would not.
+            if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("attention_mask has padding before real tokens; pad on the right (tokenizer.padding_side='right').")
+
+        hidden_states = self.embeddings(input_ids)  # (B, T, E)
+        all_hidden_states = () if output_hidden_states else None
+        for lstm in self.lstm_layers:
+            hidden_states, _ = lstm(hidden_states)  # (B, T, H_i)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        # The state after the last real token: identical however much right padding the batch adds.
+        last_index = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
+        batch_index = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        hidden_states = self.dropout(hidden_states[batch_index, last_index.to(hidden_states.device)])  # (B, H_last)
+        for layer in self.hidden_layers:
+            hidden_states = self.dropout(torch.relu(layer(hidden_states)))  # (B, hidden_i)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        positive_logit = self.classifier(hidden_states)  # (B, 1)
+        logits = torch.cat([torch.zeros_like(positive_logit), positive_logit], dim=-1)  # (B, 2): softmax = [1-p, p]
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(positive_logit.device).view(-1).to(positive_logit.dtype)
+            loss = nn.functional.binary_cross_entropy_with_logits(positive_logit.squeeze(-1), labels)
+        if not return_dict:
+            output = (logits,) + ((all_hidden_states,) if output_hidden_states else ())
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=all_hidden_states)
+
+
+__all__ = ["RLPruneLSTMForSequenceClassification", "RLPruneLSTMPreTrainedModel"]
