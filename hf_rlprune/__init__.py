@@ -7,9 +7,30 @@ from .models import (
     RLPruneLSTMForSequenceClassification,
 )
 
+from .pruning import (
+    apply_masks,
+    compact,
+    compute_flops,
+    compute_macs,
+    count_parameters,
+    get_prunable_groups,
+    masks_from_widths,
+    measure_latency,
+    widths_from_keep_ratios,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply_masks",
+    "compact",
+    "compute_flops",
+    "compute_macs",
+    "count_parameters",
+    "get_prunable_groups",
+    "masks_from_widths",
+    "measure_latency",
+    "widths_from_keep_ratios",
     "RLPruneCNNConfig",
     "RLPruneCNNForImageClassification",
     "RLPruneLSTMConfig",

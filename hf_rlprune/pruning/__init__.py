@@ -1,0 +1,54 @@
+"""Structured pruning: prunable groups, importance, masks, physical compaction and cost (MACs, params, latency)."""
+
+from .compact import compact
+from .cost import compute_flops, compute_macs, count_parameters, pruning_ratios, trade_off_score
+from .groups import (
+    PrunableGroup,
+    TensorSlice,
+    check_supported,
+    config_with_widths,
+    get_prunable_groups,
+    group_widths,
+)
+from .importance import IMPORTANCE_CRITERIA, TaylorAccumulator, unit_scores
+from .latency import LatencyResult, example_inputs, export_onnx, measure_latency
+from .masks import (
+    apply_masks,
+    enforce_masks,
+    get_masks,
+    masked_widths,
+    masks_from_widths,
+    remove_masks,
+    validate_masks,
+    widths_from_keep_ratios,
+)
+
+__all__ = [
+    "IMPORTANCE_CRITERIA",
+    "LatencyResult",
+    "PrunableGroup",
+    "TaylorAccumulator",
+    "TensorSlice",
+    "apply_masks",
+    "check_supported",
+    "compact",
+    "compute_flops",
+    "compute_macs",
+    "config_with_widths",
+    "count_parameters",
+    "enforce_masks",
+    "example_inputs",
+    "export_onnx",
+    "get_masks",
+    "get_prunable_groups",
+    "group_widths",
+    "masked_widths",
+    "masks_from_widths",
+    "measure_latency",
+    "pruning_ratios",
+    "remove_masks",
+    "trade_off_score",
+    "unit_scores",
+    "validate_masks",
+    "widths_from_keep_ratios",
+]

@@ -1,0 +1,148 @@
+"""Measured latency: median of repeated forward passes after warm-up, in torch (CPU/GPU) and ONNX Runtime.
+
+ONNX export uses `torch.onnx.export` on the compacted model. optimum's exporter is not used: its ONNX package
+(optimum-onnx) pins transformers<4.58, which conflicts with transformers 5, and our two architectures need no
+model-specific export logic.
+"""
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
+from .groups import check_supported
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    runtime: str
+    device: str
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    repeats: int
+    threads: int
+
+
+def example_inputs(model_or_config, batch_size: int, seq_len: int | None = None, device="cpu", seed: int = 0) -> dict:
+    """A batch of model inputs with the right names, shapes and dtypes (full-length sequences for the LSTM)."""
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(config, RLPruneCNNConfig):
+        shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator).to(device)}  # (B, C, H, W)
+    if isinstance(config, RLPruneLSTMConfig):
+        seq_len = config.max_seq_length if seq_len is None else seq_len
+        # ids >= 1 so no position counts as padding
+        input_ids = torch.randint(1, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)  # (B, T)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    raise TypeError(f"No example inputs for {type(config).__name__}.")
+
+
+class _LogitsOnly(nn.Module):
+    """Export wrapper: positional inputs in, logits out (ONNX graphs take tensors, not dicts or ModelOutputs)."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.input_names, tensors)), return_dict=True).logits
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, seq_len: int | None = None) -> Path:
+    """Export a (compacted) model to ONNX with a dynamic batch axis; returns the file path."""
+    check_supported(model)
+    path = Path(path)
+    inputs = example_inputs(model, batch_size, seq_len)
+    names = list(inputs)
+    wrapper = _LogitsOnly(model.eval().cpu(), names)
+    dynamic = {name: {0: "batch"} for name in names}
+    torch.onnx.export(
+        wrapper,
+        tuple(inputs.values()),
+        str(path),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_axes=dynamic,
+        dynamo=False,  # the TorchScript exporter handles nn.LSTM directly and needs no extra packages
+    )
+    return path
+
+
+def _timed(fn, warmup: int, repeats: int, synchronize=None) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    if synchronize:
+        synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if synchronize:
+            synchronize()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def measure_latency(
+    model: nn.Module,
+    batch_size: int = 1,
+    runtime: str = "torch",
+    device: str = "cpu",
+    seq_len: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+    threads: int | None = None,
+) -> LatencyResult:
+    """Median wall time of one forward pass of `model` (compact it first: masked units still cost time)."""
+    check_supported(model)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose one of {RUNTIMES}.")
+    if batch_size < 1 or repeats < 1:
+        raise ValueError("batch_size and repeats must be >= 1.")
+    threads = threads or torch.get_num_threads()
+    if runtime == "torch":
+        model = model.eval().to(device)
+        inputs = example_inputs(model, batch_size, seq_len, device=device)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+        try:
+            with torch.inference_mode():
+                times = _timed(lambda: model(**inputs), warmup, repeats, sync)
+        finally:
+            torch.set_num_threads(previous_threads)
+        device_name = torch.cuda.get_device_name(device) if sync else "cpu"
+    else:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", batch_size=1, seq_len=seq_len)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feeds = {name: value.cpu().numpy() for name, value in example_inputs(model, batch_size, seq_len).items()}
+        times = _timed(lambda: session.run(None, feeds), warmup, repeats)
+        device_name = "cpu"
+    times.sort()
+    return LatencyResult(
+        runtime=runtime,
+        device=device_name,
+        batch_size=batch_size,
+        median_ms=statistics.median(times),
+        p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+        repeats=repeats,
+        threads=threads,
+    )
