@@ -10,17 +10,38 @@ the card and the benchmarks all call these functions.
 from torch import nn
 
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
-from .groups import config_with_widths
+from .groups import get_prunable_groups, group_widths
 from .masks import masked_widths
 
 
-def _resolve_config(model_or_config, widths):
+def _layer_widths(model_or_config, widths) -> tuple:
+    """(config, widths by config field) with `widths` (group name -> units) substituted.
+
+    The cost functions run in the environment's inner loop, so this avoids building a new config per call.
+    """
     if isinstance(model_or_config, nn.Module):
         config = model_or_config.config
         widths = masked_widths(model_or_config) if widths is None else widths
     else:
         config = model_or_config
-    return config_with_widths(config, widths) if widths else config
+    fields = {
+        name: (list(getattr(config, name)) if isinstance(getattr(config, name), list) else getattr(config, name))
+        for name in ("conv_channels", "hidden_sizes", "lstm_hidden_sizes", "embedding_dim")
+        if hasattr(config, name)
+    }
+    if widths:
+        groups = {group.name: group for group in get_prunable_groups(config)}
+        for name, width in widths.items():
+            if name not in groups:
+                raise KeyError(f"Unknown prunable group {name!r}; this model's groups are {list(groups)}.")
+            group = groups[name]
+            if not 1 <= int(width) <= group.width:
+                raise ValueError(f"Width {width} for group {name!r} must be in [1, {group.width}].")
+            if group.config_index is None:
+                fields[group.config_field] = int(width)
+            else:
+                fields[group.config_field][group.config_index] = int(width)
+    return config, fields
 
 
 def _dense_macs(first_in: int, hidden_sizes: list[int], num_outputs: int) -> int:
@@ -49,23 +70,22 @@ def compute_macs(model_or_config, seq_len: int | None = None, widths: dict[str, 
 
     Takes a model (its masks count: masked units cost nothing) or a config; `widths` overrides group widths.
     """
-    config = _resolve_config(model_or_config, widths)
+    config, fields = _layer_widths(model_or_config, widths)
     if isinstance(config, RLPruneCNNConfig):
+        channels = fields["conv_channels"]
         k2 = config.kernel_size**2
-        in_channels = [config.num_channels] + config.conv_channels[:-1]
-        conv = sum(
-            c_out * size * size * c_in * k2
-            for c_in, c_out, size in zip(in_channels, config.conv_channels, _cnn_conv_output_sizes(config))
-        )
-        flat = config.conv_channels[-1] * config.feature_map_sizes()[-1] ** 2
-        return conv + _dense_macs(flat, config.hidden_sizes, config.num_labels)
+        in_channels = [config.num_channels] + channels[:-1]
+        conv = sum(c_out * size * size * c_in * k2 for c_in, c_out, size in zip(in_channels, channels, _cnn_conv_output_sizes(config)))
+        flat = channels[-1] * config.feature_map_sizes()[-1] ** 2
+        return conv + _dense_macs(flat, fields["hidden_sizes"], config.num_labels)
     if isinstance(config, RLPruneLSTMConfig):
         seq_len = config.max_seq_length if seq_len is None else seq_len
         if seq_len < 1:
             raise ValueError(f"seq_len = {seq_len} must be >= 1.")
-        inputs = [config.embedding_dim] + config.lstm_hidden_sizes[:-1]
-        per_step = sum(4 * h * (i + h) for i, h in zip(inputs, config.lstm_hidden_sizes))
-        return seq_len * per_step + _dense_macs(config.lstm_hidden_sizes[-1], config.hidden_sizes, 1)
+        hidden = fields["lstm_hidden_sizes"]
+        inputs = [fields["embedding_dim"]] + hidden[:-1]
+        per_step = sum(4 * h * (i + h) for i, h in zip(inputs, hidden))
+        return seq_len * per_step + _dense_macs(hidden[-1], fields["hidden_sizes"], 1)
     raise TypeError(f"No cost model for {type(config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
 
 
@@ -76,19 +96,21 @@ def compute_flops(model_or_config, seq_len: int | None = None, widths: dict[str,
 
 def count_parameters(model_or_config, widths: dict[str, int] | None = None) -> int:
     """Trainable parameters of the model as compacted (masked units excluded); BN running stats not counted."""
-    config = _resolve_config(model_or_config, widths)
+    config, fields = _layer_widths(model_or_config, widths)
     if isinstance(config, RLPruneCNNConfig):
+        channels = fields["conv_channels"]
         k2 = config.kernel_size**2
-        in_channels = [config.num_channels] + config.conv_channels[:-1]
-        conv = sum(c_out * c_in * k2 + c_out for c_in, c_out in zip(in_channels, config.conv_channels))
-        norm = 2 * sum(config.conv_channels) if config.use_batch_norm else 0
-        flat = config.conv_channels[-1] * config.feature_map_sizes()[-1] ** 2
-        return conv + norm + _dense_params(flat, config.hidden_sizes, config.num_labels)
+        in_channels = [config.num_channels] + channels[:-1]
+        conv = sum(c_out * c_in * k2 + c_out for c_in, c_out in zip(in_channels, channels))
+        norm = 2 * sum(channels) if config.use_batch_norm else 0
+        flat = channels[-1] * config.feature_map_sizes()[-1] ** 2
+        return conv + norm + _dense_params(flat, fields["hidden_sizes"], config.num_labels)
     if isinstance(config, RLPruneLSTMConfig):
-        inputs = [config.embedding_dim] + config.lstm_hidden_sizes[:-1]
-        lstm = sum(4 * h * (i + h) + 8 * h for i, h in zip(inputs, config.lstm_hidden_sizes))
-        embedding = config.vocab_size * config.embedding_dim
-        return embedding + lstm + _dense_params(config.lstm_hidden_sizes[-1], config.hidden_sizes, 1)
+        hidden = fields["lstm_hidden_sizes"]
+        inputs = [fields["embedding_dim"]] + hidden[:-1]
+        lstm = sum(4 * h * (i + h) + 8 * h for i, h in zip(inputs, hidden))
+        embedding = config.vocab_size * fields["embedding_dim"]
+        return embedding + lstm + _dense_params(hidden[-1], fields["hidden_sizes"], 1)
     raise TypeError(f"No cost model for {type(config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
 
 
@@ -99,22 +121,16 @@ def trade_off_score(accuracy: float, flops: int) -> float:
     return accuracy / (flops / 1e9)
 
 
-def pruning_ratios(dense, pruned_widths: dict[str, int] | None = None, pruned=None, seq_len: int | None = None) -> dict[str, float]:
-    """Fractions removed relative to `dense`: of prunable units, of MACs and of parameters.
-
-    `dense` is the unpruned model or config; the pruned side is `pruned` (a model or config) or `pruned_widths`.
-    """
-    from .groups import group_widths  # local: keeps the import graph flat
-
+def pruning_ratios(dense, pruned_widths: dict[str, int] | None = None, seq_len: int | None = None) -> dict[str, float]:
+    """Fractions removed from the dense `dense` (model or config) by `pruned_widths` (default: its masks):
+    of prunable units, of MACs and of parameters."""
     dense_config = dense.config if isinstance(dense, nn.Module) else dense
-    if pruned is None:
-        pruned_config = _resolve_config(dense, pruned_widths)
-    else:
-        pruned_config = _resolve_config(pruned, None)
+    if pruned_widths is None:
+        pruned_widths = masked_widths(dense) if isinstance(dense, nn.Module) else group_widths(dense_config)
     dense_units = sum(group_widths(dense_config).values())
-    kept_units = sum(group_widths(pruned_config).values())
+    kept_units = sum(pruned_widths.get(name, width) for name, width in group_widths(dense_config).items())
     return {
         "units_removed": 1.0 - kept_units / dense_units,
-        "macs_removed": 1.0 - compute_macs(pruned_config, seq_len) / compute_macs(dense_config, seq_len),
-        "params_removed": 1.0 - count_parameters(pruned_config) / count_parameters(dense_config),
+        "macs_removed": 1.0 - compute_macs(dense_config, seq_len, pruned_widths) / compute_macs(dense_config, seq_len, {}),
+        "params_removed": 1.0 - count_parameters(dense_config, pruned_widths) / count_parameters(dense_config, {}),
     }

@@ -1,0 +1,273 @@
+"""PruningEnv: an AMC-style gymnasium environment that walks a model's prunable groups, one keep ratio per step.
+
+The environment knows the model's structure and cost (through `pruning`), never its weights: accuracy comes from
+an `evaluate_fn(widths) -> accuracy` supplied by the caller (the callback masks a model, lets it recover briefly
+and measures the reward split). The agent sees only observation vectors, actions and rewards.
+"""
+
+import math
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+from .pruning import compute_macs, count_parameters, get_prunable_groups
+
+BUDGET_KINDS = ("macs", "params", "latency")
+REWARD_MODES = ("budget_accuracy", "trade_off", "amc")
+GROUP_KINDS = ("conv", "dense", "lstm", "embedding")
+OBSERVATION_FEATURES = (
+    "index", *(f"is_{kind}" for kind in GROUP_KINDS), "in_width", "out_width", "kernel",
+    "macs_share", "params_share", "cost_removed", "cost_ahead", "previous_action", "budget", "max_keep",
+)  # fmt: skip
+
+
+class PruningEnv(gym.Env):
+    """One episode = one keep ratio per prunable group, in forward order; the reward comes at the last step.
+
+    Args:
+        model_or_config: one of our models (its current masks cap how much each group may keep) or its config.
+        evaluate_fn: `widths (group name -> kept units) -> accuracy in [0, 1]`, measured on the reward split.
+        target: the budget, a fraction of the dense model's cost in (0, 1].
+        budget_kind: what the budget limits: "macs" (default), "params" or "latency" (needs `latency_fn`).
+        reward_mode: "budget_accuracy" (accuracy under the budget; the default), "trade_off" (the plan's
+            accuracy / cost, cost relative to dense) or "amc" (AMC's -error * log(FLOPs)).
+        min_keep: the smallest keep ratio an action may choose.
+        max_keep: per-group caps (list, group order), e.g. what earlier pruning rounds left alive.
+        latency_fn: `widths -> milliseconds`, required for budget_kind="latency" or latency rewards.
+        fill_budget: scale the episode's allocation up, keeping its proportions, until the budget is used, so the
+            agent chooses how to spend the budget rather than whether to.
+        width_multiple: snap kept widths down to a multiple of this (hardware-friendly), never below one multiple
+            or the group width.
+        seq_len: sequence length for the LSTM's MACs (default: the model's max length).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model_or_config,
+        evaluate_fn: Callable[[dict[str, int]], float],
+        target: float = 0.5,
+        budget_kind: str = "macs",
+        reward_mode: str = "budget_accuracy",
+        min_keep: float = 0.05,
+        max_keep: list[float] | None = None,
+        latency_fn: Callable[[dict[str, int]], float] | None = None,
+        fill_budget: bool = True,
+        width_multiple: int = 1,
+        seq_len: int | None = None,
+    ):
+        super().__init__()
+        config = getattr(model_or_config, "config", model_or_config)
+        self.config = config
+        self.groups = get_prunable_groups(model_or_config)
+        self.evaluate_fn = evaluate_fn
+        self.seq_len = seq_len
+        if budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget_kind = {budget_kind!r} is unknown; choose one of {BUDGET_KINDS}.")
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode = {reward_mode!r} is unknown; choose one of {REWARD_MODES}.")
+        if budget_kind == "latency" and latency_fn is None:
+            raise ValueError("budget_kind='latency' needs latency_fn (widths -> milliseconds), e.g. a LatencyTable.")
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target = {target} must be a fraction of the dense cost in (0, 1].")
+        if not 0.0 < min_keep <= 1.0:
+            raise ValueError(f"min_keep = {min_keep} must be in (0, 1].")
+        if width_multiple < 1:
+            raise ValueError(f"width_multiple = {width_multiple} must be >= 1.")
+        self.budget_kind, self.reward_mode, self.target = budget_kind, reward_mode, float(target)
+        self.min_keep, self.fill_budget, self.width_multiple = float(min_keep), fill_budget, int(width_multiple)
+        self.latency_fn = latency_fn
+        self.dense_widths = [group.width for group in self.groups]
+        if max_keep is None:
+            max_keep = self._max_keep_from_masks(model_or_config)
+        if len(max_keep) != len(self.groups):
+            raise ValueError(f"max_keep has {len(max_keep)} entries for {len(self.groups)} prunable groups.")
+        self.max_widths = [max(1, min(w, int(round(r * w)))) for r, w in zip(max_keep, self.dense_widths)]
+        self.min_widths = [min(self._snap(max(1, math.ceil(min_keep * w)), i, up=True), self.max_widths[i]) for i, w in enumerate(self.dense_widths)]
+        self.dense_cost = self.cost(self.dense_widths)
+        self.budget = self.target * self.dense_cost
+        smallest = self.cost(self.min_widths)
+        if smallest > self.budget * (1 + 1e-9):
+            raise ValueError(
+                f"The budget of {self.target:.3f} x dense {budget_kind} cannot be met: keeping only min_keep={min_keep} "
+                f"of every group still costs {smallest / self.dense_cost:.3f} x dense. Raise the target or lower min_keep."
+            )
+        self._group_macs, self._group_params = self._group_shares()
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        self.action_space = gym.spaces.Box(self.min_keep, 1.0, shape=(1,), dtype=np.float32)
+        self._step_index = 0
+        self._widths: list[int] = []
+        self._previous_action = 1.0
+
+    # ---- cost -------------------------------------------------------------------------------------------------
+    def widths_dict(self, widths: list[int]) -> dict[str, int]:
+        return {group.name: int(width) for group, width in zip(self.groups, widths)}
+
+    def cost(self, widths: list[int]) -> float:
+        named = self.widths_dict(widths)
+        if self.budget_kind == "macs":
+            return float(compute_macs(self.config, seq_len=self.seq_len, widths=named))
+        if self.budget_kind == "params":
+            return float(count_parameters(self.config, widths=named))
+        return float(self.latency_fn(named))
+
+    def _max_keep_from_masks(self, model_or_config) -> list[float]:
+        from .pruning import masked_widths  # a config has no masks
+
+        if not hasattr(model_or_config, "config"):
+            return [1.0] * len(self.groups)
+        alive = masked_widths(model_or_config)
+        return [alive[group.name] / group.width for group in self.groups]
+
+    def _snap(self, width: int, index: int, up: bool = False) -> int:
+        multiple = self.width_multiple
+        if multiple == 1 or self.dense_widths[index] <= multiple:
+            return width
+        snapped = (math.ceil(width / multiple) if up else width // multiple) * multiple
+        return int(min(max(snapped, multiple), self.dense_widths[index]))
+
+    def _group_shares(self):
+        """Each group's share of the dense MACs and params: the cost removed when it alone drops to one unit."""
+        dense_macs = compute_macs(self.config, seq_len=self.seq_len)
+        dense_params = count_parameters(self.config)
+        macs, params = [], []
+        for idx in range(len(self.groups)):
+            widths = list(self.dense_widths)
+            widths[idx] = 1
+            macs.append(1 - compute_macs(self.config, seq_len=self.seq_len, widths=self.widths_dict(widths)) / dense_macs)
+            params.append(1 - count_parameters(self.config, widths=self.widths_dict(widths)) / dense_params)
+        return macs, params
+
+    def max_feasible_width(self, index: int, chosen: list[int]) -> int:
+        """The widest width for group `index` that keeps the budget reachable with every later group at its minimum."""
+        low, high = self.min_widths[index], self.max_widths[index]
+        tail = self.min_widths[index + 1 :]
+
+        def fits(width):
+            return self.cost(chosen + [width] + tail) <= self.budget * (1 + 1e-9)
+
+        if fits(high):
+            return high
+        while high - low > 1:  # cost is monotone in each width: bisect
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+
+    # ---- gymnasium API ----------------------------------------------------------------------------------------
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._step_index, self._widths, self._previous_action = 0, [], 1.0
+        return self._observation(), {"budget": self.target}
+
+    def _observation(self) -> np.ndarray:
+        idx = self._step_index
+        group = self.groups[idx]
+        n = len(self.groups)
+        max_width = max(self.dense_widths)
+        chosen = self._widths + self.dense_widths[idx:]
+        cost_removed = 1 - self.cost(chosen) / self.dense_cost
+        cost_ahead = self.cost(self.dense_widths) - self.cost(self._widths + self.min_widths[idx:]) if idx < n else 0.0
+        in_width = self.dense_widths[idx - 1] if idx > 0 else getattr(self.config, "num_channels", 1)
+        kernel = getattr(self.config, "kernel_size", 1) if group.kind == "conv" else 1
+        features = [
+            idx / max(n - 1, 1),
+            *(float(group.kind == kind) for kind in GROUP_KINDS),
+            in_width / max_width,
+            group.width / max_width,
+            kernel / 7.0,
+            self._group_macs[idx],
+            self._group_params[idx],
+            cost_removed,
+            max(0.0, cost_ahead / self.dense_cost),
+            self._previous_action,
+            self.target,
+            self.max_widths[idx] / group.width,
+        ]
+        return np.clip(np.asarray(features, dtype=np.float32), 0.0, 1.0)
+
+    def step(self, action):
+        if self._step_index >= len(self.groups):
+            raise RuntimeError("The episode is over; call reset() before step().")
+        idx = self._step_index
+        ratio = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], self.min_keep, 1.0))
+        feasible = self.max_feasible_width(idx, self._widths)  # the budget wall
+        width = self._width_from_ratio(ratio, idx)
+        if width > feasible:
+            snapped = self._snap(feasible, idx)
+            width = snapped if snapped <= feasible else feasible
+        self._widths.append(width)
+        self._previous_action = ratio
+        self._step_index += 1
+        if self._step_index < len(self.groups):
+            return self._observation(), 0.0, False, False, {"budget": self.target}
+        widths = self._fill(self._widths) if self.fill_budget else list(self._widths)
+        info = self.evaluate(widths)
+        self._step_index = len(self.groups)
+        return np.zeros(self.observation_space.shape, dtype=np.float32), info["reward"], True, False, info
+
+    def _fill(self, widths: list[int]) -> list[int]:
+        """Scale the allocation up (same proportions, capped per group) to the largest that fits the budget."""
+        ratios = [w / d for w, d in zip(widths, self.dense_widths)]
+
+        def scaled(scale):
+            out = []
+            for idx, ratio in enumerate(ratios):
+                width = self._snap(max(1, int(math.floor(ratio * scale * self.dense_widths[idx] + 1e-9))), idx)
+                out.append(min(max(width, widths[idx]), self.max_widths[idx]))
+            return out
+
+        low, high = 1.0, 1.0 / max(min(ratios), 1e-6)
+        for _ in range(30):  # bisection on the common scale; cost is monotone in it
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.cost(scaled(middle)) <= self.budget * (1 + 1e-9) else (low, middle)
+        return scaled(low)
+
+    def evaluate(self, widths: list[int]) -> dict:
+        """Accuracy, cost and reward of one allocation (a list of widths in group order)."""
+        named = self.widths_dict(widths)
+        accuracy = float(self.evaluate_fn(named))
+        macs = compute_macs(self.config, seq_len=self.seq_len, widths=named)
+        dense_macs = compute_macs(self.config, seq_len=self.seq_len)
+        cost_ratio = self.cost(widths) / self.dense_cost
+        if self.reward_mode == "budget_accuracy":
+            reward = accuracy
+        elif self.reward_mode == "trade_off":
+            # accuracy / cost, cost relative to dense: the plan's trade-off, scale-free
+            reward = accuracy / max(cost_ratio, 1e-9)
+        else:  # AMC: -error * log(FLOPs)
+            reward = -(1.0 - accuracy) * math.log(2.0 * macs)
+        return {
+            "reward": float(reward),
+            "accuracy": accuracy,
+            "widths": named,
+            "keep_ratios": [w / d for w, d in zip(widths, self.dense_widths)],
+            "macs": macs,
+            "macs_ratio": macs / dense_macs,
+            "params": count_parameters(self.config, widths=named),
+            "cost_ratio": cost_ratio,
+            "budget": self.target,
+        }
+
+    def uniform_keep_ratio(self) -> float:
+        """The largest single keep ratio that, applied to every group, meets the budget (the uniform baseline)."""
+        def fits(ratio):
+            widths = [min(self._width_from_ratio(ratio, i), self.max_widths[i]) for i in range(len(self.groups))]
+            return self.cost(widths) <= self.budget * (1 + 1e-9)
+
+        low, high = self.min_keep, 1.0
+        if fits(high):
+            return high
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        # actions travel as float32: step down until the float32 value itself fits
+        ratio = np.float32(low)
+        while ratio > self.min_keep and not fits(float(ratio)):
+            ratio = np.nextafter(ratio, np.float32(0))
+        return float(ratio)
+
+    def _width_from_ratio(self, ratio: float, index: int) -> int:
+        width = self._snap(max(1, int(round(ratio * self.dense_widths[index]))), index)
+        return max(width, self.min_widths[index])

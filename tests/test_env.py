@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig
+from hf_rlprune.env import OBSERVATION_FEATURES, PruningEnv
+from hf_rlprune.pruning import apply_masks, compute_macs, count_parameters, masks_from_widths
+
+
+def constant_accuracy(widths):
+    return 0.5
+
+
+def run_episode(env, actions):
+    obs, _ = env.reset(seed=0)
+    for step, action in enumerate(actions):
+        assert env.observation_space.contains(obs)
+        obs, reward, terminated, truncated, info = env.step(np.array([action], dtype=np.float32))
+        assert terminated == (step == len(actions) - 1) and not truncated
+    return reward, info
+
+
+cnn_configs = st.builds(
+    lambda convs, hidden, bn: RLPruneCNNConfig(conv_channels=convs, hidden_sizes=hidden, use_batch_norm=bn, image_size=16, pool_after=[len(convs) - 1]),
+    st.lists(st.integers(1, 48), min_size=1, max_size=4),
+    st.lists(st.integers(1, 96), min_size=0, max_size=2),
+    st.booleans(),
+)
+lstm_configs = st.builds(
+    lambda emb, hidden, dense: RLPruneLSTMConfig(vocab_size=50, embedding_dim=emb, lstm_hidden_sizes=hidden, hidden_sizes=dense, max_seq_length=20),
+    st.integers(1, 64),
+    st.lists(st.integers(1, 64), min_size=1, max_size=2),
+    st.lists(st.integers(1, 32), min_size=0, max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.one_of(cnn_configs, lstm_configs),
+    target=st.floats(0.02, 1.0),
+    budget_kind=st.sampled_from(["macs", "params"]),
+    fill=st.booleans(),
+    multiple=st.sampled_from([1, 8]),
+    data=st.data(),
+)
+def test_no_finished_episode_exceeds_the_budget(config, target, budget_kind, fill, multiple, data):
+    try:
+        env = PruningEnv(config, constant_accuracy, target=target, budget_kind=budget_kind, fill_budget=fill, width_multiple=multiple, min_keep=0.05)
+    except ValueError as error:
+        assert "cannot be met" in str(error)
+        return
+    actions = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(env.groups), max_size=len(env.groups)))
+    _, info = run_episode(env, actions)
+    cost = compute_macs(config, widths=info["widths"]) if budget_kind == "macs" else count_parameters(config, widths=info["widths"])
+    dense = compute_macs(config) if budget_kind == "macs" else count_parameters(config)
+    assert cost <= target * dense * (1 + 1e-9)
+    for group, width in zip(env.groups, info["widths"].values()):
+        assert 1 <= width <= group.width
+        if multiple > 1 and group.width > multiple and width != group.width:
+            assert width % multiple == 0
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot be met.*Raise the target or lower min_keep"):
+        PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.01, min_keep=0.5)
+    with pytest.raises(ValueError, match="target"):
+        PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=1.5)
+    with pytest.raises(ValueError, match="budget_kind"):
+        PruningEnv(RLPruneCNNConfig(), constant_accuracy, budget_kind="energy")
+    with pytest.raises(ValueError, match="latency_fn"):
+        PruningEnv(RLPruneCNNConfig(), constant_accuracy, budget_kind="latency")
+
+
+def test_fill_budget_uses_the_budget_and_keeps_proportions_roughly():
+    config = RLPruneCNNConfig()
+    env = PruningEnv(config, constant_accuracy, target=0.5)
+    _, info = run_episode(env, [0.1, 0.1, 0.1])
+    assert 0.45 < info["macs_ratio"] <= 0.5
+    env_raw = PruningEnv(config, constant_accuracy, target=0.5, fill_budget=False)
+    _, raw = run_episode(env_raw, [0.1, 0.1, 0.1])
+    assert raw["macs_ratio"] < 0.05
+
+
+def test_budget_wall_clips_greedy_early_layers():
+    env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.25, fill_budget=False)
+    _, info = run_episode(env, [1.0, 1.0, 1.0])
+    assert info["macs_ratio"] <= 0.25
+    assert info["widths"]["conv_blocks.0"] == 32  # the first layer could stay whole; later ones pay for it
+
+
+def test_uniform_keep_ratio_meets_the_budget():
+    for target in (0.5, 0.25):
+        env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=target, fill_budget=False)
+        ratio = env.uniform_keep_ratio()
+        _, info = run_episode(env, [ratio] * 3)
+        assert info["macs_ratio"] <= target
+        assert info["macs_ratio"] > target - 0.03
+        assert max(info["keep_ratios"]) - min(info["keep_ratios"]) < 0.03
+
+
+def test_reward_modes():
+    def accuracy(widths):
+        return 0.8
+
+    config = RLPruneCNNConfig()
+    rewards = {}
+    for mode in ("budget_accuracy", "trade_off", "amc"):
+        env = PruningEnv(config, accuracy, target=0.5, reward_mode=mode)
+        rewards[mode], info = run_episode(env, [0.5, 0.5, 0.5])
+    assert rewards["budget_accuracy"] == pytest.approx(0.8)
+    assert rewards["trade_off"] == pytest.approx(0.8 / info["macs_ratio"])
+    assert rewards["amc"] == pytest.approx(-0.2 * np.log(2 * info["macs"]))
+    with pytest.raises(ValueError, match="reward_mode"):
+        PruningEnv(config, accuracy, reward_mode="speed")
+
+
+def test_observations_are_normalized_and_describe_the_group():
+    env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.5)
+    obs, _ = env.reset()
+    features = dict(zip(OBSERVATION_FEATURES, obs))
+    assert features["is_conv"] == 1.0 and features["index"] == 0.0 and features["previous_action"] == 1.0
+    obs, *_ = env.step(np.array([0.3]))
+    features = dict(zip(OBSERVATION_FEATURES, obs))
+    assert features["index"] == 0.5 and features["previous_action"] == pytest.approx(0.3)
+    assert features["cost_removed"] > 0
+    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),)
+
+
+def test_masks_on_the_model_cap_each_group():
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[8, 16], hidden_sizes=[32], image_size=8))
+    apply_masks(model, masks_from_widths(model, {"conv_blocks.0": 4, "conv_blocks.1": 16, "hidden_layers.0": 8}))
+    env = PruningEnv(model, constant_accuracy, target=0.6)
+    _, info = run_episode(env, [1.0, 1.0, 1.0])
+    assert info["widths"]["conv_blocks.0"] <= 4 and info["widths"]["hidden_layers.0"] <= 8
+
+
+def test_step_after_the_end_is_an_error():
+    env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.5)
+    run_episode(env, [0.5, 0.5, 0.5])
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([0.5]))
