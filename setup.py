@@ -22,6 +22,7 @@ setup(
         "gymnasium>=1.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "matplotlib>=3.7",
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "onnxscript>=0.1",
@@ -29,6 +30,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],
-        "bench": ["scipy>=1.11", "matplotlib>=3.8"],
+        "bench": ["scipy>=1.11"],
     },
 )

@@ -7,6 +7,9 @@ from .models import (
     RLPruneLSTMForSequenceClassification,
 )
 
+from .callback import RLPruneCallback
+from .config import RLPruneConfig
+from .env import PruningEnv
 from .pruning import (
     apply_masks,
     compact,
@@ -22,6 +25,9 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruningEnv",
+    "RLPruneCallback",
+    "RLPruneConfig",
     "apply_masks",
     "compact",
     "compute_flops",

@@ -1,0 +1,392 @@
+"""RLPruneCallback: RL-guided structured pruning alongside HF Trainer fine-tuning.
+
+Warm-up, then `num_rounds` search rounds interleaved with training; each round tightens the budget (cubic schedule),
+searches per-layer keep ratios with the agent on the reward split, and masks the live model with the best one.
+Training recovers between rounds. At the end the model is compacted in place (so `trainer.model` is the small
+model) and saved with its report and model card. Rank 0 decides; the decision is broadcast; every rank applies it.
+"""
+
+import gc
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+
+from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy, run_search
+from .config import RLPruneConfig
+from .env import OBSERVATION_FEATURES, PruningEnv
+from .pruning import (
+    TaylorAccumulator,
+    apply_masks,
+    check_supported,
+    compact,
+    compute_macs,
+    count_parameters,
+    enforce_masks,
+    get_masks,
+    get_prunable_groups,
+    masked_widths,
+    masks_from_widths,
+)
+from .reward import RewardEvaluator, batched_accuracy, move_to_device
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "rlprune_state.safetensors"
+AGENT_FILE = "rlprune_agent.safetensors"
+STATE_FORMAT = "hf_rlprune.callback_state.v1"
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _broadcast(payload):
+    """Rank 0's payload on every rank (identity when not distributed)."""
+    if not _is_distributed():
+        return payload
+    holder = [payload]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+class RLPruneCallback(TrainerCallback):
+    """Prune while the Trainer trains. Two lines in an existing script:
+
+        from hf_rlprune import RLPruneCallback, RLPruneConfig
+        trainer = Trainer(..., callbacks=[RLPruneCallback(RLPruneConfig(target=0.25), reward_dataset=reward_split)])
+
+    Args:
+        config: the pruning settings.
+        reward_dataset: held-out *training* examples the reward is measured on (never the test split); see
+            `hf_rlprune.data.split_reward`. Collated with `data_collator`, default the Trainer's.
+        data_collator: collator for the reward split when it differs from the training one.
+    """
+
+    def __init__(self, config: RLPruneConfig | None = None, reward_dataset=None, data_collator=None):
+        self.config = config or RLPruneConfig()
+        if reward_dataset is None or len(reward_dataset) == 0:
+            raise ValueError(
+                "RLPruneCallback needs reward_dataset: held-out training examples (not the test split) to measure the "
+                "reward on. Carve one with hf_rlprune.data.split_reward(train_dataset, reward_size=0.1, seed=0)."
+            )
+        self.reward_dataset = reward_dataset
+        self.data_collator = data_collator
+        self.rounds_done = 0
+        self.history: list[dict] = []
+        self.search_seconds = 0.0
+        self.reward_evaluations = 0
+        self.agent: PPOAgent | None = None
+        self.taylor = TaylorAccumulator() if self.config.importance == "taylor" else None
+        self.dense_config = None
+        self.pruned_model = None
+        self.report: dict | None = None
+        self._handler = None
+        self._evaluator = None
+        self._round_steps: list[int] = []
+        self._train_dataset = None
+        self._train_collator = None
+        self._batch_size = 8
+
+    # ---- Trainer events ---------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        check_supported(model)
+        cfg = self.config
+        self.dense_config = type(model.config).from_dict(model.config.to_dict()) if self.dense_config is None else self.dense_config
+        self._round_steps = cfg.round_steps(state.max_steps)
+        self._train_dataset = train_dataloader.dataset
+        self._train_collator = train_dataloader.collate_fn
+        self._batch_size = args.per_device_train_batch_size
+        collator = self.data_collator or train_dataloader.collate_fn
+        reward_loader = DataLoader(self.reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
+        autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+        self._evaluator = RewardEvaluator(
+            reward_batches=list(reward_loader),
+            recovery_steps=cfg.recovery_steps,
+            recovery_batches=None,
+            recovery_lr=cfg.recovery_lr,
+            importance=cfg.importance,
+            seed=cfg.seed,
+            autocast_dtype=autocast,
+        )
+        if cfg.method == "ppo" and self.agent is None:
+            ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
+            self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.seed)
+        if state.global_step > 0:
+            self._resume(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model, optimizer)
+        self._handler = self._find_handler()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.taylor is not None:
+            self.taylor.accumulate(model)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        while self.rounds_done < self.config.num_rounds and state.global_step >= self._round_steps[self.rounds_done]:
+            self._run_round(args, state, control, model, optimizer)
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            self.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            self._restore_best_masks(state.best_model_checkpoint, model)
+        if self.rounds_done < self.config.num_rounds:
+            logger.warning(
+                "Training ended after %d of %d pruning rounds (rounds at steps %s); the model is pruned to the last "
+                "finished round's budget.", self.rounds_done, self.config.num_rounds, self._round_steps
+            )
+        self.finalize(model)
+        if self.config.save_on_train_end and state.is_world_process_zero:
+            from .card import save_pruned_model
+
+            save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
+            save_pruned_model(model, save_dir, self.report, processing_class=processing_class)
+
+    # ---- rounds -----------------------------------------------------------------------------------------------
+    def _recovery_batches(self, round_index: int) -> list[dict]:
+        if not self.config.recovery_steps:
+            return []
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + round_index)
+        loader = DataLoader(self._train_dataset, batch_size=self._batch_size, shuffle=True, generator=generator,
+                            collate_fn=self._train_collator, drop_last=len(self._train_dataset) > self._batch_size)
+        batches = []
+        while len(batches) < self.config.recovery_steps:
+            for batch in loader:
+                batches.append(batch)
+                if len(batches) == self.config.recovery_steps:
+                    break
+        return batches
+
+    def _make_env(self, model, target: float) -> PruningEnv:
+        cfg = self.config
+        return PruningEnv(
+            model,
+            self._evaluator,
+            target=target,
+            budget_kind=cfg.budget_kind,
+            reward_mode=cfg.reward_mode,
+            min_keep=cfg.min_keep,
+            fill_budget=cfg.fill_budget,
+            width_multiple=cfg.width_multiple,
+        )
+
+    def _search(self, model, round_index: int, target: float, is_main: bool) -> dict:
+        cfg = self.config
+        self._evaluator.begin_round(model, self.taylor, recovery_batches=self._recovery_batches(round_index))
+        env = self._make_env(model, target)
+        if cfg.method == "ppo":
+            policy, episodes = self.agent, cfg.search_episodes
+        elif cfg.method == "random":
+            policy, episodes = RandomSearchPolicy(cfg.min_keep, 1.0, seed=cfg.seed * 1000 + round_index), cfg.search_episodes
+        else:
+            policy, episodes = UniformPolicy(env.uniform_keep_ratio()), 1
+        result = run_search(
+            env, policy, episodes, seed=cfg.seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
+            desc=f"rlprune round {round_index + 1}/{cfg.num_rounds} ({cfg.method}, target {target:.3f})",
+        )
+        widths = result.best_info["widths"]
+        masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.seed)
+        return {
+            "masks": {name: mask.tolist() for name, mask in masks.items()},
+            "reward": result.best_reward,
+            "accuracy": result.best_info["accuracy"],
+            "evaluations": result.num_evaluations,
+            "search_seconds": result.wall_time_s,
+            "mean_reward": sum(result.history) / len(result.history),
+        }
+
+    def _run_round(self, args, state, control, model, optimizer):
+        cfg = self.config
+        round_index = self.rounds_done
+        target = cfg.round_targets()[round_index]
+        is_main = state.is_world_process_zero
+        decision = None
+        start = time.perf_counter()
+        devices = [model.device] if model.device.type == "cuda" else []
+        # The search draws its own randomness (seeded per round) and leaves the training RNG streams untouched.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed * 1000 + round_index)
+            if is_main or not _is_distributed():
+                decision = self._search(model, round_index, target, is_main)
+        decision = _broadcast(decision)
+        masks = {name: torch.tensor(mask, dtype=torch.bool) for name, mask in decision["masks"].items()}
+        apply_masks(model, masks)
+        if optimizer is not None:
+            enforce_masks(model, _inner_optimizer(optimizer))
+        self.rounds_done += 1
+        self.search_seconds += time.perf_counter() - start
+        self.reward_evaluations += decision["evaluations"]
+        widths = masked_widths(model)
+        dense_macs = compute_macs(self.dense_config)
+        record = {
+            "round": self.rounds_done,
+            "step": state.global_step,
+            "target": target,
+            "macs": compute_macs(model),
+            "macs_ratio": compute_macs(model) / dense_macs,
+            "params": count_parameters(model),
+            "reward": decision["reward"],
+            "reward_accuracy": decision["accuracy"],
+            "mean_reward": decision["mean_reward"],
+            "evaluations": decision["evaluations"],
+            "search_seconds": decision["search_seconds"],
+            "widths": widths,
+            "keep_ratios": {g.name: widths[g.name] / g.width for g in get_prunable_groups(self.dense_config)},
+            "masks_sha1": masks_digest(masks),
+        }
+        self.history.append(record)
+        self._log(args, state, control, record)
+
+    def _log(self, args, state, control, record: dict):
+        """Per-round metrics into the Trainer's log history and its report_to integrations."""
+        logs = {f"rlprune/{key}": record[key] for key in ("round", "target", "macs", "macs_ratio", "params", "reward", "reward_accuracy", "evaluations", "search_seconds")}
+        logs.update({f"rlprune/keep_ratio/{name}": ratio for name, ratio in record["keep_ratios"].items()})
+        logger.info("rlprune round %d: %s", record["round"], json.dumps({**logs, "masks_sha1": record["masks_sha1"]}))
+        state.log_history.append({**logs, "rlprune/widths": record["widths"], "rlprune/masks_sha1": record["masks_sha1"], "step": state.global_step})
+        if self._handler is not None:
+            others = [cb for cb in self._handler.callbacks if cb is not self]
+            for callback in others:  # TrainerCallback gives no handle on Trainer.log; dispatch to the others directly
+                callback.on_log(args, state, control, logs=dict(logs), model=self._handler.model)
+
+    def _find_handler(self):
+        """The CallbackHandler holding this callback, to reach the report_to integrations (TensorBoard, W&B).
+
+        TrainerCallback receives no reference to the Trainer, and the integrations run before user callbacks in
+        `on_log`, so per-round metrics are dispatched to them directly. Found once per training run.
+        """
+        for obj in gc.get_objects():
+            if isinstance(obj, CallbackHandler) and any(cb is self for cb in obj.callbacks):
+                return obj
+        return None
+
+    # ---- end of training --------------------------------------------------------------------------------------
+    def finalize(self, model) -> None:
+        """Compact `model` in place and build the report (reward-split accuracy before/after, cost, policy)."""
+        dense_config = self.dense_config
+        masks = get_masks(model)
+        small = compact(model)
+        for name, child in small.named_children():  # in-place swap: trainer.model becomes the small model
+            setattr(model, name, child)
+        model.config = small.config
+        for attr in ("_rlprune_masks", "_rlprune_hook_handles", "_rlprune_multipliers"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        self.pruned_model = model
+        reward_batches = [move_to_device(b, model.device) for b in self._evaluator.reward_batches_cpu] if self._evaluator else []
+        from .card import build_report
+
+        self.report = build_report(
+            dense_config=dense_config,
+            pruned_model=model,
+            config=self.config,
+            history=self.history,
+            reward_accuracy_after=batched_accuracy(model, reward_batches) if reward_batches else None,
+            search_seconds=self.search_seconds,
+            reward_evaluations=self.reward_evaluations,
+            masks=masks,
+        )
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def save_state(self, directory: str, model) -> None:
+        os.makedirs(directory, exist_ok=True)
+        tensors = {f"mask.{name}": mask.to(torch.uint8) for name, mask in get_masks(model).items()}
+        if self.taylor is not None:
+            tensors.update({f"taylor.{name}": score.detach().cpu().contiguous() for name, score in self.taylor.scores.items()})
+        metadata = {
+            "format": STATE_FORMAT,
+            "rounds_done": str(self.rounds_done),
+            "history": json.dumps(self.history),
+            "search_seconds": repr(self.search_seconds),
+            "reward_evaluations": str(self.reward_evaluations),
+            "taylor_steps": str(self.taylor.steps if self.taylor else 0),
+            "dense_config": self.dense_config.to_json_string(),
+        }
+        _atomic_save(lambda path: save_file(tensors or {"empty": torch.zeros(0)}, path, metadata=metadata), os.path.join(directory, STATE_FILE))
+        if self.agent is not None:
+            _atomic_save(self.agent.save, os.path.join(directory, AGENT_FILE))
+
+    def _load_state_file(self, directory: str):
+        path = os.path.join(directory, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{directory} has no {STATE_FILE}: it was not written by RLPruneCallback, so its pruning state "
+                "(masks, agent) cannot be restored. Resume from a checkpoint of a run that used the callback."
+            )
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types for truncated files
+            raise ValueError(f"{path} is corrupt or truncated ({error}); resume from an earlier checkpoint.") from error
+        if metadata.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not an hf_rlprune callback state (format {metadata.get('format')!r}).")
+        return metadata, tensors
+
+    def _resume(self, directory: str, model, optimizer) -> None:
+        metadata, tensors = self._load_state_file(directory)
+        dense = json.loads(metadata["dense_config"])
+        if dense.get("model_type") != model.config.model_type:
+            raise ValueError(f"{directory} holds pruning state for a {dense.get('model_type')} model, not {model.config.model_type}.")
+        self.dense_config = type(model.config).from_dict(dense)
+        self.rounds_done = int(metadata["rounds_done"])
+        self.history = json.loads(metadata["history"])
+        self.search_seconds = float(metadata["search_seconds"])
+        self.reward_evaluations = int(metadata["reward_evaluations"])
+        masks = {key[len("mask."):]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
+        if masks:
+            apply_masks(model, masks)
+            if optimizer is not None:
+                enforce_masks(model, _inner_optimizer(optimizer))
+        if self.taylor is not None:
+            self.taylor.scores = {k[len("taylor."):]: v.to(model.device) for k, v in tensors.items() if k.startswith("taylor.")}
+            self.taylor.steps = int(metadata["taylor_steps"])
+        agent_path = os.path.join(directory, AGENT_FILE)
+        if self.config.method == "ppo" and os.path.isfile(agent_path):
+            self.agent = PPOAgent.load(agent_path)
+
+    def _restore_best_masks(self, checkpoint: str, model) -> None:
+        metadata, tensors = self._load_state_file(checkpoint)
+        masks = {key[len("mask."):]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
+        if masks:
+            apply_masks(model, masks)
+        rounds = int(metadata["rounds_done"])
+        if rounds < self.config.num_rounds:
+            logger.warning(
+                "load_best_model_at_end picked %s, saved after %d of %d pruning rounds: the saved model keeps that "
+                "checkpoint's (larger) widths. Evaluate only after the last round (step %d) to get the target budget.",
+                checkpoint, rounds, self.config.num_rounds, self._round_steps[-1],
+            )
+        self.rounds_done = rounds
+        self.history = json.loads(metadata["history"])
+
+
+def masks_digest(masks: dict[str, torch.Tensor]) -> str:
+    """A short hash of a set of masks, logged per round so ranks (and runs) can be compared."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(bytes(masks[name].to(torch.uint8).cpu().tolist()))
+    return digest.hexdigest()[:12]
+
+
+def _atomic_save(write, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)

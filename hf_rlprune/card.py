@@ -1,0 +1,221 @@
+"""Pruning report (pruning_report.json), model card (README.md) and the atomic save of the pruned model folder."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .models import RLPruneCNNConfig
+from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, trade_off_score
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+REPORT_FILE = "pruning_report.json"
+PLOT_FILE = "accuracy_vs_macs.png"
+
+
+def build_report(dense_config, pruned_model, config, history, reward_accuracy_after=None, search_seconds=0.0,
+                 reward_evaluations=0, masks=None) -> dict:
+    """Everything known about a pruning run, as plain JSON-able values."""
+    dense_widths = group_widths(dense_config)
+    pruned_widths = group_widths(pruned_model.config)
+    macs_before, macs_after = compute_macs(dense_config), compute_macs(pruned_model.config)
+    params_before, params_after = count_parameters(dense_config), count_parameters(pruned_model.config)
+    layers = [
+        {"name": g.name, "kind": g.kind, "dense_width": g.width, "width": pruned_widths[g.name], "keep_ratio": pruned_widths[g.name] / g.width}
+        for g in get_prunable_groups(dense_config)
+    ]
+    report = {
+        "model_type": dense_config.model_type,
+        "method": config.method,
+        "reward_mode": config.reward_mode,
+        "importance": config.importance,
+        "budget_kind": config.budget_kind,
+        "target": config.target,
+        "num_rounds": config.num_rounds,
+        "seed": config.seed,
+        "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
+        "layers": layers,
+        "macs": {"dense": macs_before, "pruned": macs_after},
+        "flops": {"dense": 2 * macs_before, "pruned": 2 * macs_after},
+        "params": {"dense": params_before, "pruned": params_after},
+        "pruning_ratio": {
+            "units_removed": 1 - sum(pruned_widths.values()) / sum(dense_widths.values()),
+            "macs_removed": 1 - macs_after / macs_before,
+            "params_removed": 1 - params_after / params_before,
+        },
+        "accuracy": {"split": "reward", "dense": None, "pruned": reward_accuracy_after},
+        "rounds": history,
+        "search": {"reward_evaluations": reward_evaluations, "search_seconds": search_seconds},
+        "latency_ms": {},
+    }
+    update_trade_off(report)
+    return report
+
+
+def update_trade_off(report: dict) -> None:
+    accuracy = report["accuracy"]
+    report["trade_off_score"] = {
+        side: (trade_off_score(accuracy[side], report["flops"][side]) if accuracy.get(side) is not None else None)
+        for side in ("dense", "pruned")
+    }
+
+
+def _fmt_int(value):
+    return f"{value:,}" if value is not None else "n/a"
+
+
+def _fmt_pct(value):
+    return f"{100 * value:.2f}%" if value is not None else "n/a"
+
+
+def _fmt_float(value, digits=4):
+    return f"{value:.{digits}f}" if value is not None else "n/a"
+
+
+def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model", reproduce_command: str | None = None,
+                      dataset_name: str | None = None, plot_file: str | None = None) -> ModelCard:
+    """The model card: YAML with model-index eval results, text with the tables, plot and reproduce command."""
+    is_cnn = report["model_type"] == RLPruneCNNConfig.model_type
+    task_type = "image-classification" if is_cnn else "text-classification"
+    dataset_name = dataset_name or ("cifar10" if is_cnn else "imdb")
+    dataset_id = {"cifar10": "uoft-cs/cifar10", "imdb": "stanfordnlp/imdb"}.get(dataset_name, dataset_name)
+    accuracy = report["accuracy"]
+    split = accuracy["split"]
+    results = []
+
+    def add(metric_type, value, name):
+        if value is not None:
+            results.append(EvalResult(task_type=task_type, dataset_type=dataset_id, dataset_name=dataset_name,
+                                      dataset_split=split, metric_type=metric_type, metric_value=float(value), metric_name=name))
+
+    add("accuracy", accuracy.get("pruned"), "Accuracy (pruned)")
+    add("accuracy", accuracy.get("dense"), "Accuracy (dense, before pruning)")
+    add("macs", report["macs"]["pruned"], "MACs per sample")
+    add("flops", report["flops"]["pruned"], "FLOPs per sample")
+    add("params", report["params"]["pruned"], "Parameters")
+    add("pruning_ratio", report["pruning_ratio"]["macs_removed"], "Fraction of MACs removed")
+    add("trade_off_score", report["trade_off_score"]["pruned"], "Accuracy per GFLOP")
+    for key, value in report.get("latency_ms", {}).items():
+        add("latency_ms", value.get("pruned"), f"Latency {key} (ms)")
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag=task_type,
+        tags=["hf_rlprune", "pruning", "structured-pruning", "reinforcement-learning"],
+        datasets=[dataset_id],
+        metrics=["accuracy"],
+        eval_results=results or None,
+    )
+    latency_rows = "".join(
+        f"| latency {key} (ms, median) | {_fmt_float(value.get('dense'), 3)} | {_fmt_float(value.get('pruned'), 3)} |\n"
+        for key, value in report.get("latency_ms", {}).items()
+    )
+    layer_rows = "\n".join(
+        f"| `{layer['name']}` | {layer['kind']} | {layer['dense_width']} | {layer['width']} | {layer['keep_ratio']:.3f} |"
+        for layer in report["layers"]
+    )
+    plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot: matplotlib is not installed)"
+    cost_note = report.get("cost_note", "")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id,
+        architecture="CNN (RLPruneCNNForImageClassification)" if is_cnn else "LSTM (RLPruneLSTMForSequenceClassification)",
+        unit_word="channels and neurons" if is_cnn else "embedding dimensions, hidden units and neurons",
+        auto_class="AutoModelForImageClassification" if is_cnn else "AutoModelForSequenceClassification",
+        target_percent=f"{100 * report['target']:.0f}%",
+        budget_kind=report["budget_kind"].upper() if report["budget_kind"] == "macs" else report["budget_kind"],
+        accuracy_split=f"{split} split",
+        accuracy_before=_fmt_pct(accuracy.get("dense")),
+        accuracy_after=_fmt_pct(accuracy.get("pruned")),
+        macs_before=_fmt_int(report["macs"]["dense"]),
+        macs_after=_fmt_int(report["macs"]["pruned"]),
+        flops_before=_fmt_int(report["flops"]["dense"]),
+        flops_after=_fmt_int(report["flops"]["pruned"]),
+        params_before=_fmt_int(report["params"]["dense"]),
+        params_after=_fmt_int(report["params"]["pruned"]),
+        latency_rows=latency_rows,
+        units_removed=_fmt_pct(report["pruning_ratio"]["units_removed"]),
+        macs_removed=_fmt_pct(report["pruning_ratio"]["macs_removed"]),
+        params_removed=_fmt_pct(report["pruning_ratio"]["params_removed"]),
+        trade_off_before=_fmt_float(report["trade_off_score"]["dense"]),
+        trade_off_after=_fmt_float(report["trade_off_score"]["pruned"]),
+        cost_note=cost_note,
+        layer_rows=layer_rows,
+        plot_markdown=plot_markdown,
+        method=report["method"],
+        reward_mode=report["reward_mode"],
+        importance=report["importance"],
+        num_rounds=report["num_rounds"],
+        reward_evaluations=report["search"]["reward_evaluations"],
+        search_seconds=f"{report['search']['search_seconds']:.1f}",
+        reproduce_command=reproduce_command or report.get("command") or "python scripts/prune.py --smoke",
+    )
+
+
+def plot_accuracy_vs_macs(report: dict, path: str) -> bool:
+    """Accuracy (per round, on the reward split, and final) against the fraction of dense MACs; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    rounds = report.get("rounds", [])
+    if rounds:
+        axis.plot([r["macs_ratio"] for r in rounds], [r["reward_accuracy"] for r in rounds], "o-", label="search rounds (reward split, after recovery)")
+    accuracy = report["accuracy"]
+    dense_macs = report["macs"]["dense"]
+    if accuracy.get("dense") is not None:
+        axis.plot([1.0], [accuracy["dense"]], "s", label=f"dense ({accuracy['split']})")
+    if accuracy.get("pruned") is not None:
+        axis.plot([report["macs"]["pruned"] / dense_macs], [accuracy["pruned"]], "*", markersize=12, label=f"pruned ({accuracy['split']})")
+    axis.set_xlabel("MACs / dense MACs")
+    axis.set_ylabel("accuracy")
+    axis.set_title("Accuracy versus MACs")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo_id: str | None = None,
+                      reproduce_command: str | None = None, dataset_name: str | None = None) -> Path:
+    """Write the pruned model folder atomically: model (safetensors + config with widths + model code), its
+    tokenizer or image processor, pruning_report.json, the accuracy-vs-MACs plot and the card as README.md.
+
+    Everything is written to a sibling temporary folder that then replaces `save_dir` by rename, so an interrupted
+    save leaves the previous folder (or none), never a half-written model.
+    """
+    save_dir = Path(save_dir)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = save_dir.parent / f".{save_dir.name}.tmp-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+        has_plot = plot_accuracy_vs_macs(report, str(staging / PLOT_FILE))
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        card = render_model_card(report, repo_id=repo_id or f"your-org/{save_dir.name}", reproduce_command=reproduce_command,
+                                 dataset_name=dataset_name, plot_file=PLOT_FILE if has_plot else None)
+        card.save(staging / "README.md")
+        old = save_dir.parent / f".{save_dir.name}.old-{os.getpid()}"
+        if save_dir.exists():
+            os.replace(save_dir, old)
+        os.replace(staging, save_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return save_dir

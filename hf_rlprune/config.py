@@ -1,0 +1,85 @@
+"""RLPruneConfig: everything the pruning callback needs to know, as a dataclass that HfArgumentParser reads."""
+
+from dataclasses import dataclass, field
+
+from .env import BUDGET_KINDS, REWARD_MODES
+from .pruning import IMPORTANCE_CRITERIA
+
+METHODS = ("ppo", "random", "uniform")
+
+
+@dataclass
+class RLPruneConfig:
+    target: float = field(default=0.5, metadata={"help": "Budget: the pruned model's cost as a fraction of the dense model's, in (0, 1]."})
+    budget_kind: str = field(default="macs", metadata={"help": f"What the budget limits: one of {BUDGET_KINDS}."})
+    reward_mode: str = field(
+        default="budget_accuracy",
+        metadata={"help": f"Reward: one of {REWARD_MODES} (accuracy under the budget; accuracy / cost; AMC's -error*log(FLOPs))."},
+    )
+    method: str = field(
+        default="ppo",
+        metadata={"help": f"Who chooses the per-layer keep ratios: one of {METHODS} (the PPO agent or the two baselines)."},
+    )
+    importance: str = field(default="l1", metadata={"help": f"Which units a layer keeps: one of {IMPORTANCE_CRITERIA}."})
+    num_rounds: int = field(default=4, metadata={"help": "Pruning rounds; the budget tightens toward `target` on a cubic schedule."})
+    start_fraction: float = field(default=0.1, metadata={"help": "Fraction of training steps before the first round (warm-up)."})
+    end_fraction: float = field(
+        default=0.5, metadata={"help": "Fraction of training steps at which the last round runs; the rest fine-tunes the final model."}
+    )
+    search_episodes: int = field(default=32, metadata={"help": "Reward evaluations (search episodes) per round."})
+    recovery_steps: int = field(
+        default=50, metadata={"help": "Training steps on each candidate before its reward is measured (0: measure right after masking)."}
+    )
+    recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
+    reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
+    min_keep: float = field(default=0.05, metadata={"help": "Smallest keep ratio any layer may get, in (0, 1]."})
+    fill_budget: bool = field(default=True, metadata={"help": "Scale each allocation up to use the whole budget."})
+    width_multiple: int = field(default=1, metadata={"help": "Snap kept widths to a multiple of this (hardware-friendly widths)."})
+    ppo_episodes_per_update: int = field(default=8, metadata={"help": "Episodes per PPO update."})
+    ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO Adam learning rate (plan: 3e-4)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the search: the same seed gives the same pruning decisions."})
+    save_dir: str | None = field(
+        default=None, metadata={"help": "Where the pruned model, report and card are written (default: <output_dir>/pruned)."}
+    )
+    save_on_train_end: bool = field(default=True, metadata={"help": "Compact and save the pruned model when training ends."})
+    show_progress: bool = field(default=True, metadata={"help": "A progress bar per search round (main process only)."})
+
+    def __post_init__(self):
+        def check(condition, message):
+            if not condition:
+                raise ValueError(message)
+
+        check(0.0 < self.target <= 1.0, f"target = {self.target} must be a fraction of the dense cost in (0, 1], e.g. 0.25.")
+        check(self.budget_kind in BUDGET_KINDS, f"budget_kind = {self.budget_kind!r} is unknown; choose one of {BUDGET_KINDS}.")
+        check(self.reward_mode in REWARD_MODES, f"reward_mode = {self.reward_mode!r} is unknown; choose one of {REWARD_MODES}.")
+        check(self.method in METHODS, f"method = {self.method!r} is unknown; choose one of {METHODS}.")
+        check(self.importance in IMPORTANCE_CRITERIA, f"importance = {self.importance!r} is unknown; choose one of {IMPORTANCE_CRITERIA}.")
+        check(self.num_rounds >= 1, f"num_rounds = {self.num_rounds} must be >= 1.")
+        check(
+            0.0 <= self.start_fraction <= self.end_fraction < 1.0,
+            f"Need 0 <= start_fraction ({self.start_fraction}) <= end_fraction ({self.end_fraction}) < 1.",
+        )
+        check(self.search_episodes >= 1, f"search_episodes = {self.search_episodes} must be >= 1.")
+        check(self.recovery_steps >= 0, f"recovery_steps = {self.recovery_steps} must be >= 0.")
+        check(self.recovery_lr > 0, f"recovery_lr = {self.recovery_lr} must be > 0.")
+        check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
+        check(0.0 < self.min_keep <= 1.0, f"min_keep = {self.min_keep} must be in (0, 1].")
+        check(self.width_multiple >= 1, f"width_multiple = {self.width_multiple} must be >= 1.")
+        check(self.ppo_episodes_per_update >= 1, f"ppo_episodes_per_update = {self.ppo_episodes_per_update} must be >= 1.")
+        check(self.ppo_learning_rate > 0, f"ppo_learning_rate = {self.ppo_learning_rate} must be > 0.")
+
+    def round_targets(self) -> list[float]:
+        """Budget after each round: cubic from dense toward `target` (Zhu & Gupta's gradual schedule), ending on it."""
+        rounds = self.num_rounds
+        return [self.target + (1.0 - self.target) * (1.0 - (r + 1) / rounds) ** 3 for r in range(rounds)]
+
+    def round_steps(self, max_steps: int) -> list[int]:
+        """Global steps (1-based, after the optimizer step) at which each round runs."""
+        if max_steps < 1:
+            raise ValueError("Training has no steps; RLPruneCallback needs max_steps >= 1.")
+        start = max(1, round(self.start_fraction * max_steps))
+        end = max(start, round(self.end_fraction * max_steps))
+        if self.num_rounds == 1:
+            return [end]
+        steps = [round(start + (end - start) * r / (self.num_rounds - 1)) for r in range(self.num_rounds)]
+        return [max(1, min(step, max_steps)) for step in steps]
