@@ -118,12 +118,12 @@ class RLPruneCallback(TrainerCallback):
             recovery_batches=None,
             recovery_lr=cfg.recovery_lr,
             importance=cfg.importance,
-            seed=cfg.seed,
+            seed=cfg.prune_seed,
             autocast_dtype=autocast,
         )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
-            self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.seed)
+            self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
         if state.global_step > 0:
             self._resume(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model, optimizer)
         self._handler = self._find_handler()
@@ -160,7 +160,7 @@ class RLPruneCallback(TrainerCallback):
     def _recovery_batches(self, round_index: int) -> list[dict]:
         if not self.config.recovery_steps:
             return []
-        generator = torch.Generator().manual_seed(self.config.seed * 1000 + round_index)
+        generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)
         loader = DataLoader(self._train_dataset, batch_size=self._batch_size, shuffle=True, generator=generator,
                             collate_fn=self._train_collator, drop_last=len(self._train_dataset) > self._batch_size)
         batches = []
@@ -191,15 +191,15 @@ class RLPruneCallback(TrainerCallback):
         if cfg.method == "ppo":
             policy, episodes = self.agent, cfg.search_episodes
         elif cfg.method == "random":
-            policy, episodes = RandomSearchPolicy(cfg.min_keep, 1.0, seed=cfg.seed * 1000 + round_index), cfg.search_episodes
+            policy, episodes = RandomSearchPolicy(cfg.min_keep, 1.0, seed=cfg.prune_seed * 1000 + round_index), cfg.search_episodes
         else:
             policy, episodes = UniformPolicy(env.uniform_keep_ratio()), 1
         result = run_search(
-            env, policy, episodes, seed=cfg.seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
+            env, policy, episodes, seed=cfg.prune_seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
             desc=f"rlprune round {round_index + 1}/{cfg.num_rounds} ({cfg.method}, target {target:.3f})",
         )
         widths = result.best_info["widths"]
-        masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.seed)
+        masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.prune_seed)
         return {
             "masks": {name: mask.tolist() for name, mask in masks.items()},
             "reward": result.best_reward,
@@ -219,7 +219,7 @@ class RLPruneCallback(TrainerCallback):
         devices = [model.device] if model.device.type == "cuda" else []
         # The search draws its own randomness (seeded per round) and leaves the training RNG streams untouched.
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.seed * 1000 + round_index)
+            torch.manual_seed(cfg.prune_seed * 1000 + round_index)
             if is_main or not _is_distributed():
                 decision = self._search(model, round_index, target, is_main)
         decision = _broadcast(decision)

@@ -34,7 +34,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "budget_kind": config.budget_kind,
         "target": config.target,
         "num_rounds": config.num_rounds,
-        "seed": config.seed,
+        "seed": config.prune_seed,
         "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
         "layers": layers,
         "macs": {"dense": macs_before, "pruned": macs_after},

@@ -37,7 +37,7 @@ class RLPruneConfig:
     width_multiple: int = field(default=1, metadata={"help": "Snap kept widths to a multiple of this (hardware-friendly widths)."})
     ppo_episodes_per_update: int = field(default=8, metadata={"help": "Episodes per PPO update."})
     ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO Adam learning rate (plan: 3e-4)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the search: the same seed gives the same pruning decisions."})
+    prune_seed: int = field(default=0, metadata={"help": "Seed of the search: the same seed gives the same pruning decisions."})
     save_dir: str | None = field(
         default=None, metadata={"help": "Where the pruned model, report and card are written (default: <output_dir>/pruned)."}
     )

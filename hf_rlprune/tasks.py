@@ -1,0 +1,170 @@
+"""Task wiring shared by scripts/prune.py and scripts/benchmark.py: data -> torch datasets and collators, the
+reference models, pre-training with the plan's recipe, and test accuracy.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
+
+from .data import (
+    CachedImageDataset,
+    ImageCollator,
+    get_task_spec,
+    load_task_dataset,
+    make_image_processor,
+    make_synthetic_cifar,
+    make_synthetic_imdb,
+    make_text_collator,
+    split_reward,
+    tokenize_dataset,
+)
+from .models import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from .reward import move_to_device
+from .tokenization import train_word_tokenizer
+
+# The deeper CNN of the benchmark: six 3x3 convs with batch norm, a pool after every two, dense 512.
+CNN_PRESETS = {
+    "reference": {},
+    "vgg6": dict(conv_channels=[64, 64, 128, 128, 256, 256], pool_after=[1, 3, 5], use_batch_norm=True),
+    "small": dict(conv_channels=[16, 32], hidden_sizes=[128]),  # the --smoke run: same structure, CPU-sized
+}
+MODEL_TYPES = {"cifar10": RLPruneCNNConfig.model_type, "imdb": RLPruneLSTMConfig.model_type}
+
+
+@dataclass
+class TaskData:
+    task: str
+    train: torch.utils.data.Dataset  # what the Trainer trains on (reward split removed)
+    reward: torch.utils.data.Dataset  # held-out training examples for the agent's reward
+    test: torch.utils.data.Dataset
+    train_collator: object
+    eval_collator: object
+    processing_class: object  # tokenizer (IMDB) or image processor (CIFAR-10), saved beside the model
+
+
+def prepare_task(task: str, dataset=None, reward_size=0.1, seed=0, smoke=False, max_train_samples=None,
+                 vocab_size=20000, max_length=256, tokenizer=None, cache_dir=None) -> TaskData:
+    """Load `task`'s data (Hub id, local folder, or synthetic for `smoke`), carve the reward split, and build the
+    model-ready datasets and collators."""
+    spec = get_task_spec(task)
+    if smoke:
+        raw = make_synthetic_cifar(1200, 300, seed=seed) if task == "cifar10" else make_synthetic_imdb(1200, 300, seed=seed)
+    else:
+        raw = load_task_dataset(task, dataset)
+    train_raw = raw["train"]
+    if max_train_samples is not None and max_train_samples < len(train_raw):
+        train_raw = train_raw.shuffle(seed=seed).select(range(max_train_samples))
+    train_raw, reward_raw = split_reward(train_raw, reward_size, seed=seed, label_column=spec.label_column)
+    test_raw = raw["test"]
+    if spec.modality == "image":
+        train = CachedImageDataset.from_dataset(train_raw, spec.input_column, spec.label_column, cache_dir=cache_dir)
+        reward = CachedImageDataset.from_dataset(reward_raw, spec.input_column, spec.label_column, cache_dir=cache_dir)
+        test = CachedImageDataset.from_dataset(test_raw, spec.input_column, spec.label_column, cache_dir=cache_dir)
+        return TaskData(task, train, reward, test, ImageCollator(train=True), ImageCollator(train=False), make_image_processor())
+    if tokenizer is None:
+        # the tokenizer sees only the training part: the reward split stays held out
+        tokenizer = train_word_tokenizer(train_raw[spec.input_column], vocab_size=vocab_size, model_max_length=max_length)
+
+    def encode(split):
+        encoded = tokenize_dataset(split, tokenizer, max_length=max_length, text_column=spec.input_column)
+        return encoded.rename_column(spec.label_column, "labels").with_format("torch")
+
+    collator = make_text_collator(tokenizer)
+    return TaskData(task, encode(train_raw), encode(reward_raw), encode(test_raw), collator, collator, tokenizer)
+
+
+def build_model(task: str, preset: str = "reference", task_data: TaskData | None = None, max_length: int = 256):
+    """A freshly initialized reference model for `task`."""
+    if task == "cifar10":
+        if preset not in CNN_PRESETS:
+            raise ValueError(f"Unknown CNN preset {preset!r}; choose one of {sorted(CNN_PRESETS)}.")
+        return RLPruneCNNForImageClassification(RLPruneCNNConfig(**CNN_PRESETS[preset]))
+    tokenizer = task_data.processing_class if task_data is not None else None
+    vocab_size = len(tokenizer) if tokenizer is not None else 20000
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    return RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=vocab_size, max_seq_length=max_length, pad_token_id=pad_id))
+
+
+def load_model(task: str, model_name_or_path: str, **kwargs):
+    """A dense or pruned checkpoint (local folder or Hub id) of the right model type for `task`."""
+    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    expected = MODEL_TYPES[task]
+    if config.model_type != expected:
+        raise ValueError(
+            f"{model_name_or_path} holds a {config.model_type!r} model, but task {task!r} needs a {expected!r} model. "
+            "Point --model_name_or_path at a checkpoint of this task's model, or omit it to pre-train one."
+        )
+    auto = AutoModelForImageClassification if task == "cifar10" else AutoModelForSequenceClassification
+    return auto.from_pretrained(model_name_or_path, **kwargs)
+
+
+def load_tokenizer_if_any(model_name_or_path: str | None):
+    if model_name_or_path is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, dataset, collator, batch_size: int = 512, device=None) -> float:
+    """Top-1 accuracy of `model` on `dataset` (no Python loop per sample)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
+        batch = move_to_device(batch, device)
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum()
+        total += labels.numel()
+    model.train(was_training)
+    return float(correct) / max(total, 1)
+
+
+def accuracy_metric(eval_prediction) -> dict:
+    """compute_metrics for the Trainer (the `evaluate` library's accuracy needs the Hub)."""
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def inverse_time_decay(optimizer, decay: float):
+    """Keras-style `decay`: lr_t = lr / (1 + decay * t), the plan's "lr decay 1e-4"."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
+
+
+def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=1e-3, lr_decay=1e-4,
+             batch_size=128, seed=0, use_cpu=False, bf16=False, max_steps=-1):
+    """Train the dense model with the plan's recipe (Adam lr 1e-3, lr decay 1e-4, batch 128) and save it."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        logging_steps=50,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    trainer = Trainer(model=model, args=args, train_dataset=task_data.train, data_collator=task_data.train_collator,
+                      optimizers=(optimizer, inverse_time_decay(optimizer, lr_decay)))
+    trainer.train()
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    task_data.processing_class.save_pretrained(output_dir)
+    return model

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Prune a CIFAR-10 CNN or an IMDB LSTM with the RL agent while fine-tuning it with the HF Trainer.
+
+    python scripts/prune.py --smoke --output_dir outputs/smoke                       # a minute on CPU, synthetic data
+    accelerate launch scripts/prune.py --task cifar10 --dataset_dir ../shared/data/cifar10 \
+        --target 0.25 --num_train_epochs 10 --output_dir outputs/cifar10-25
+    python scripts/prune.py args.json                                                # every argument from one file
+
+Arguments come from three dataclasses: ScriptArguments (below), hf_rlprune.RLPruneConfig and TrainingArguments.
+The pruned model, its tokenizer/image processor, pruning_report.json and the model card land in <output_dir>/pruned.
+"""
+
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from hf_rlprune import PruningEnv, RLPruneCallback, RLPruneConfig
+from hf_rlprune.card import save_pruned_model, update_trade_off
+from hf_rlprune.pruning import export_onnx, measure_latency
+from hf_rlprune.tasks import (
+    CNN_PRESETS,
+    MODEL_TYPES,
+    accuracy_metric,
+    build_model,
+    evaluate_accuracy,
+    load_model,
+    load_tokenizer_if_any,
+    prepare_task,
+    pretrain,
+)
+
+logger = logging.getLogger("hf_rlprune.prune")
+
+
+@dataclass
+class ScriptArguments:
+    task: str = field(default="cifar10", metadata={"help": f"Task: one of {sorted(MODEL_TYPES)}."})
+    dataset_dir: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the data (default: uoft-cs/cifar10 or stanfordnlp/imdb)."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Dense or pruned checkpoint to start from (local or Hub); omit to pre-train one."}
+    )
+    model_preset: str = field(default="reference", metadata={"help": f"CNN architecture when pre-training: {sorted(CNN_PRESETS)}."})
+    pretrain_epochs: float = field(default=50, metadata={"help": "Pre-training epochs when no checkpoint is given (the plan: 50)."})
+    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Pre-training Adam learning rate (the plan: 1e-3)."})
+    pretrain_lr_decay: float = field(default=1e-4, metadata={"help": "Keras-style lr decay: lr / (1 + decay * step) (the plan: 1e-4)."})
+    pretrain_batch_size: int = field(default=128, metadata={"help": "Pre-training batch size (the plan: 128)."})
+    reward_size: float = field(default=0.1, metadata={"help": "Fraction (or count, if > 1) of training data held out for the reward."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+    vocab_size: int = field(default=20000, metadata={"help": "IMDB: word vocabulary size of the trained tokenizer."})
+    max_length: int = field(default=256, metadata={"help": "IMDB: tokens kept per review."})
+    export_onnx: bool = field(default=False, metadata={"help": "Also write model.onnx of the pruned model."})
+    measure_latency: bool = field(default=True, metadata={"help": "Measure CPU latency (torch and ONNX Runtime) for the report."})
+    smoke: bool = field(default=False, metadata={"help": "Whole pipeline in about a minute on CPU with small synthetic data."})
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ScriptArguments, RLPruneConfig, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
+        argv = [*argv, "--output_dir", "outputs/smoke" if "--smoke" in argv else "outputs/prune"]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
+    """Small enough for a CPU minute; the same code path and output folder as a real run."""
+    script.pretrain_epochs = 2
+    script.model_preset = "small"
+    script.pretrain_batch_size = 64
+    script.max_length = 64
+    script.vocab_size = 2000
+    prune.num_rounds = 2
+    prune.search_episodes = 6
+    prune.ppo_episodes_per_update = 3
+    prune.recovery_steps = 4
+    training.num_train_epochs = 2
+    training.per_device_train_batch_size = 64
+    training.learning_rate = 1e-3
+    training.use_cpu = True
+    training.report_to = []
+    training.save_strategy = "no"
+    training.eval_strategy = "no"
+    training.logging_steps = 5
+
+
+def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
+    """Fail before any data loading or training on anything we can check up front."""
+    if script.task not in MODEL_TYPES:
+        raise ValueError(f"Unknown task {script.task!r}; choose one of {sorted(MODEL_TYPES)}.")
+    if training.push_to_hub and not training.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
+    if script.model_preset not in CNN_PRESETS:
+        raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
+
+
+def check_budget(model, prune: RLPruneConfig):
+    """An impossible budget is an error now, not after pre-training."""
+    if prune.budget_kind == "latency":
+        return
+    PruningEnv(model, lambda widths: 0.0, target=prune.target, budget_kind=prune.budget_kind, min_keep=prune.min_keep,
+               width_multiple=prune.width_multiple)
+
+
+def latency_figures(dense_config, pruned_model, seq_len=None) -> dict:
+    """CPU latency of dense and pruned (compacted) models: torch and ONNX Runtime, batch 1 and 128."""
+    dense = type(pruned_model)(dense_config).eval()
+    pruned = pruned_model.cpu().eval()
+    figures = {}
+    for runtime in ("onnxruntime", "torch"):
+        for batch in (1, 128):
+            key = f"{runtime}_cpu_batch{batch}"
+            figures[key] = {
+                side: measure_latency(m, batch, runtime, seq_len=seq_len, repeats=10, warmup=3).median_ms
+                for side, m in (("dense", dense), ("pruned", pruned))
+            }
+    return figures
+
+
+def main(argv=None):
+    script, prune, training = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if script.smoke:
+        apply_smoke_settings(script, prune, training)
+    validate(script, prune, training)
+    push, hub_model_id, hub_token = training.push_to_hub, training.hub_model_id, training.hub_token
+    training.push_to_hub = False  # we push the pruned folder ourselves; the Trainer would push the dense checkpoints
+    set_seed(training.seed)
+
+    tokenizer = load_tokenizer_if_any(script.model_name_or_path) if script.task == "imdb" else None
+    model = load_model(script.task, script.model_name_or_path) if script.model_name_or_path else None
+    if model is not None:
+        check_budget(model, prune)
+    task_data = prepare_task(script.task, script.dataset_dir, reward_size=script.reward_size if script.reward_size < 1 else int(script.reward_size),
+                             seed=training.seed, smoke=script.smoke, max_train_samples=script.max_train_samples,
+                             vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer)
+    if model is None:
+        model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length)
+        check_budget(model, prune)
+        logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
+        pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
+                 learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
+                 batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16)
+
+    device = training.device
+    dense_test_accuracy = evaluate_accuracy(model.to(device), task_data.test, task_data.eval_collator)
+    logger.info("Dense test accuracy: %.4f", dense_test_accuracy)
+
+    prune.save_on_train_end = False  # saved below, once the test accuracy is known
+    callback = RLPruneCallback(prune, reward_dataset=task_data.reward, data_collator=task_data.eval_collator)
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=task_data.train,
+        eval_dataset=task_data.test if training.eval_strategy != "no" else None,
+        data_collator=task_data.train_collator,
+        processing_class=task_data.processing_class,
+        compute_metrics=accuracy_metric,
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    pruned = trainer.model  # compacted in place by the callback
+
+    if trainer.is_world_process_zero():
+        report = callback.report
+        report["accuracy"] = {
+            "split": "test",
+            "dense": dense_test_accuracy,
+            "pruned": evaluate_accuracy(pruned, task_data.test, task_data.eval_collator),
+            "reward_split_pruned": report["accuracy"]["pruned"],
+        }
+        update_trade_off(report)
+        report["command"] = "python scripts/prune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        if script.measure_latency:
+            report["latency_ms"] = latency_figures(callback.dense_config, pruned)
+        logger.info("Pruned test accuracy: %.4f (dense %.4f); MACs %d -> %d", report["accuracy"]["pruned"], dense_test_accuracy,
+                    report["macs"]["dense"], report["macs"]["pruned"])
+        save_dir = os.path.join(training.output_dir, "pruned")
+        save_pruned_model(pruned, save_dir, report, processing_class=task_data.processing_class, repo_id=hub_model_id,
+                          reproduce_command=report["command"], dataset_name=script.task)
+        if script.export_onnx:
+            tmp = os.path.join(save_dir, f".model.onnx.tmp-{os.getpid()}")
+            export_onnx(pruned, tmp)
+            os.replace(tmp, os.path.join(save_dir, "model.onnx"))
+        print(json.dumps({"output": save_dir, "accuracy": report["accuracy"], "macs": report["macs"], "params": report["params"]}, indent=2))
+        if push:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hub_token)
+            api.create_repo(hub_model_id, exist_ok=True)
+            api.upload_folder(folder_path=save_dir, repo_id=hub_model_id, commit_message="Upload pruned model (hf_rlprune)")
+            logger.info("Pushed %s to %s", save_dir, hub_model_id)
+    return callback.report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
