@@ -269,7 +269,7 @@ class RLPruneCallback(TrainerCallback):
         `on_log`, so per-round metrics are dispatched to them directly. Found once per training run.
         """
         for obj in gc.get_objects():
-            if isinstance(obj, CallbackHandler) and any(cb is self for cb in obj.callbacks):
+            if type(obj) is CallbackHandler and any(cb is self for cb in obj.callbacks):  # type(): no proxy __getattr__
                 return obj
         return None
 

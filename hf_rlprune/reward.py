@@ -107,8 +107,12 @@ class RewardEvaluator:
 
     def __call__(self, widths: dict[str, int]) -> float:
         model = self.masked_copy(widths)
-        if self.recovery_steps:
-            self._recover(model)
+        devices = [self._device] if self._device.type == "cuda" else []
+        # Every candidate gets the same dropout stream: comparable rewards, and the same decisions after a resume.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            if self.recovery_steps:
+                self._recover(model)
         self.evaluations += 1
         return batched_accuracy(model, self.reward_batches, self.autocast_dtype)
 

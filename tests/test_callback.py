@@ -1,0 +1,171 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
+
+from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
+from hf_rlprune.callback import STATE_FILE
+from hf_rlprune.pruning import compute_macs
+
+TINY_CNN = dict(conv_channels=[8, 16], hidden_sizes=[32], image_size=8)
+
+
+def tiny_data(n=192, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 8, 8, generator=generator)
+    labels = (pixels[:, 0].mean((1, 2)) > 0).long() + 2 * (pixels[:, 1].mean((1, 2)) > 0).long()  # 4 learnable classes
+    dataset = Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+    return dataset.select(range(n - 48)), dataset.select(range(n - 48, n))
+
+
+def prune_config(**overrides):
+    values = dict(target=0.3, num_rounds=2, search_episodes=4, ppo_episodes_per_update=2, recovery_steps=2, show_progress=False,
+                  start_fraction=0.2, end_fraction=0.6)
+    return RLPruneConfig(**{**values, **overrides})
+
+
+def train(output_dir, config=None, extra_callbacks=(), resume=None, **training_overrides):
+    torch.manual_seed(0)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+    train_set, reward_set = tiny_data()
+    values = dict(max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[], save_strategy="no",
+                  logging_steps=5, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    args = TrainingArguments(str(output_dir), **{**values, **training_overrides})
+    callback = RLPruneCallback(config or prune_config(), reward_dataset=reward_set)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=reward_set,
+                      callbacks=[*extra_callbacks, callback], compute_metrics=_accuracy)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def _accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+class LogRecorder(TrainerCallback):
+    """Sits where report_to integrations sit: before RLPruneCallback in the handler."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_callback_prunes_compacts_and_saves(tmp_path):
+    recorder = LogRecorder()
+    trainer, callback = train(tmp_path, extra_callbacks=[recorder])
+    model = trainer.model
+    dense_macs = compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    assert compute_macs(model.config) <= 0.3 * dense_macs  # physically small, within budget
+    assert sum(p.numel() for p in model.parameters()) == callback.report["params"]["pruned"]
+    assert len(callback.history) == 2 and callback.history[-1]["target"] == pytest.approx(0.3)
+    assert callback.history[0]["target"] > 0.3  # the budget tightens over rounds
+    assert [h["step"] for h in callback.history] == [4, 12]
+    # per-round metrics reach integrations that run before us, and the log history
+    assert any("rlprune/macs" in logs for logs in recorder.logs)
+    assert sum("rlprune/macs" in entry for entry in trainer.state.log_history) == 2
+    saved = tmp_path / "pruned"
+    for name in ("model.safetensors", "config.json", "pruning_report.json", "README.md", "accuracy_vs_macs.png", "modeling_rlprune_cnn.py"):
+        assert (saved / name).exists(), name
+    card = (saved / "README.md").read_text()
+    assert "{{" not in card and "model-index" in card and "conv_blocks.1" in card
+    report = json.loads((saved / "pruning_report.json").read_text())
+    assert report["macs"]["pruned"] == compute_macs(model.config)
+    assert report["search"]["reward_evaluations"] == 8
+    loaded = AutoModelForImageClassification.from_pretrained(saved).eval()
+    pixels = torch.randn(4, 3, 8, 8)
+    assert loaded.config.conv_channels == model.config.conv_channels
+    assert torch.allclose(loaded(pixels).logits, model.eval()(pixels).logits, atol=1e-6)
+    assert not list(tmp_path.glob(".pruned.tmp-*"))
+
+
+def test_same_seed_same_decisions_and_other_methods(tmp_path):
+    _, first = train(tmp_path / "a")
+    _, second = train(tmp_path / "b")
+    assert [h["masks_sha1"] for h in first.history] == [h["masks_sha1"] for h in second.history]
+    _, uniform = train(tmp_path / "u", prune_config(method="uniform"))
+    assert uniform.reward_evaluations == 2  # one evaluation per round
+    ratios = list(uniform.history[-1]["keep_ratios"].values())
+    assert max(ratios) - min(ratios) < 0.2
+    _, random = train(tmp_path / "r", prune_config(method="random"))
+    assert random.reward_evaluations == 8
+    assert uniform.history[-1]["macs_ratio"] <= 0.3 and random.history[-1]["macs_ratio"] <= 0.3
+
+
+def test_resumed_run_makes_the_same_decisions(tmp_path):
+    _, uninterrupted = train(tmp_path / "full", save_strategy="steps", save_steps=8)
+    checkpoint = tmp_path / "full" / "checkpoint-8"
+    assert (checkpoint / STATE_FILE).exists() and (checkpoint / "rlprune_agent.safetensors").exists()
+    # a second run resumes from step 8: after round 1 (step 4), before round 2 (step 12)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    os.system(f"cp -r {checkpoint} {resumed_dir}/")
+    _, resumed = train(resumed_dir, resume=str(resumed_dir / "checkpoint-8"), save_strategy="steps", save_steps=8)
+    assert [h["masks_sha1"] for h in resumed.history] == [h["masks_sha1"] for h in uninterrupted.history]
+    assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
+
+
+def test_gradient_accumulation_eval_and_best_model(tmp_path):
+    trainer, callback = train(
+        tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=16, save_strategy="steps", save_steps=16,
+        load_best_model_at_end=True, metric_for_best_model="accuracy", max_steps=20,
+    )
+    assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    assert any("eval_accuracy" in entry for entry in trainer.state.log_history)
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="reward_dataset"):
+        RLPruneCallback(prune_config())
+    with pytest.raises(ValueError, match="target"):
+        RLPruneConfig(target=0.0)
+    with pytest.raises(ValueError, match="method"):
+        RLPruneConfig(method="greedy")
+    _, reward = tiny_data()
+    callback = RLPruneCallback(prune_config(), reward_dataset=reward)
+    with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
+        callback._load_state_file(str(tmp_path))
+    (tmp_path / STATE_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        callback._load_state_file(str(tmp_path))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / STATE_FILE), metadata={"format": "other"})
+    with pytest.raises(ValueError, match="not an hf_rlprune callback state"):
+        callback._load_state_file(str(tmp_path))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from test_callback import train
+    from hf_rlprune.pruning import get_masks
+    out = sys.argv[1]
+    trainer, callback = train(out, ddp_backend="gloo")
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
+        json.dump({"history": [h["masks_sha1"] for h in callback.history], "widths": trainer.model.config.conv_channels}, handle)
+    """
+)
+
+
+def test_two_process_ddp_applies_identical_masks(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(script), str(tmp_path / "out"), os.path.dirname(__file__)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert len(ranks[0]["history"]) == 2
+    assert (tmp_path / "out" / "pruned" / "model.safetensors").exists()  # written once, by rank 0
