@@ -136,7 +136,10 @@ def _load_parquet_files(spec: TaskSpec, data_files: Mapping, load_kwargs: dict) 
             f"The dict of parquet files for {spec.name} lacks split(s) {missing_splits}; it has {list(data_files)}. "
             f"Pass {{'train': <file or files>, 'test': <file or files>}}."
         )
-    files = {split: [os.fspath(f) for f in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)] for split, paths in data_files.items()}
+    files = {
+        split: [os.fspath(f) for f in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        for split, paths in data_files.items()
+    }
     for path in (p for paths in files.values() for p in paths):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Parquet file {path!r} (given for {spec.name}) does not exist.")
@@ -199,7 +202,9 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
         raise ValueError(f"Column {spec.input_column!r} of the {task} {split!r} split is {input_feature}, not a string column.")
 
     label_feature = dataset.features[spec.label_column]
-    is_integer = isinstance(label_feature, ClassLabel) or (isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint")))
+    is_integer = isinstance(label_feature, ClassLabel) or (
+        isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint"))
+    )
     if not is_integer:
         raise ValueError(
             f"Column {spec.label_column!r} of the {task} {split!r} split is {label_feature}; it must hold integer class ids "
@@ -221,7 +226,9 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
 # ------------------------------------------------------------------------------------------------------ reward split
 
 
-def split_reward_indices(labels: Sequence[int] | np.ndarray | torch.Tensor | None, num_rows: int, reward_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_reward_indices(
+    labels: Sequence[int] | np.ndarray | torch.Tensor | None, num_rows: int, reward_size: int | float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train_indices, reward_indices) that split `num_rows` rows in two, seeded and disjoint.
 
     `reward_size` is a fraction in (0, 1) of the rows or an int count in [1, num_rows - 1]. With `labels`, the split is
@@ -253,7 +260,9 @@ def split_reward_indices(labels: Sequence[int] | np.ndarray | torch.Tensor | Non
     return np.flatnonzero(~in_reward), reward_indices.astype(np.int64)
 
 
-def split_reward(train_dataset: Dataset, reward_size: int | float, seed: int, label_column: str | None = "label") -> tuple[Dataset, Dataset]:
+def split_reward(
+    train_dataset: Dataset, reward_size: int | float, seed: int, label_column: str | None = "label"
+) -> tuple[Dataset, Dataset]:
     """Split the training set into (train_part, reward_part): disjoint rows, seeded, stratified by `label_column`.
 
     The reward part is the held-out data the pruning agent's reward is measured on; the test split is never involved.
@@ -277,7 +286,9 @@ def _reward_count(reward_size: int | float, num_rows: int) -> int:
             raise ValueError(f"reward_size = {reward_size} as a float must be a fraction in (0, 1); for a count pass an int.")
         count = int(round(reward_size * num_rows))
         if not 1 <= count <= num_rows - 1:
-            raise ValueError(f"reward_size = {reward_size} of {num_rows} rows gives {count} reward rows; both parts need at least one row.")
+            raise ValueError(
+                f"reward_size = {reward_size} of {num_rows} rows gives {count} reward rows; both parts need at least one row."
+            )
         return count
     if not 1 <= reward_size <= num_rows - 1:
         raise ValueError(f"reward_size = {reward_size} rows is out of range; it must lie in [1, {num_rows - 1}] for {num_rows} rows.")
@@ -303,7 +314,10 @@ def images_to_tensor(
         if column not in dataset.column_names:
             raise ValueError(f"Column {column!r} not in the dataset (columns: {dataset.column_names}).")
     if not isinstance(dataset.features[image_column], Image):
-        raise ValueError(f"Column {image_column!r} is {dataset.features[image_column]}, not an Image feature; cast it with datasets.Image().")
+        raise ValueError(
+            f"Column {image_column!r} is {dataset.features[image_column]}, not an Image feature; "
+            f"cast it with dataset.cast_column({image_column!r}, datasets.Image())."
+        )
     if len(dataset) == 0:
         raise ValueError("The dataset has no rows; there are no images to decode.")
 
@@ -348,7 +362,10 @@ def _decode_image_structs(column: pa.ChunkedArray) -> torch.Tensor:
             if first_size is None:
                 first_size = image.size
             elif image.size != first_size:
-                raise ValueError(f"Image row {row} is {image.size[0]}x{image.size[1]} but row 0 is {first_size[0]}x{first_size[1]}; resize the images to one size first.")
+                raise ValueError(
+                    f"Image row {row} is {image.size[0]}x{image.size[1]} but row 0 is {first_size[0]}x{first_size[1]}; "
+                    "resize the images to one size first."
+                )
             pixel_chunks.append(image.tobytes())  # H*W*3 bytes, row-major RGB
     width, height = first_size
     pixels = np.frombuffer(b"".join(pixel_chunks), dtype=np.uint8).reshape(len(pixel_chunks), height, width, 3)
@@ -370,7 +387,9 @@ class CachedImageDataset(torch.utils.data.Dataset):
         self.labels = labels.long()  # (N,)
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, image_column: str = "img", label_column: str = "label", cache_dir: str | os.PathLike | None = None) -> "CachedImageDataset":
+    def from_dataset(
+        cls, dataset: Dataset, image_column: str = "img", label_column: str = "label", cache_dir: str | os.PathLike | None = None
+    ) -> "CachedImageDataset":
         return cls(*images_to_tensor(dataset, image_column, label_column, cache_dir))
 
     def __len__(self) -> int:
@@ -395,7 +414,9 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN,
     return (images.float() / 255 - mean_tensor) / std_tensor
 
 
-def crop_flip(images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flip_mask: torch.Tensor | None, pad: int) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flip_mask: torch.Tensor | None, pad: int
+) -> torch.Tensor:
     """Zero-pad each image by `pad`, crop H x W at (offsets_y[b], offsets_x[b]), mirror where flip_mask[b]; batched.
 
     images (B, C, H, W) of any dtype; offsets in [0, 2 * pad]; one gather, no per-image loop.
@@ -443,7 +464,15 @@ class ImageCollator:
     sequence of batches; inside a DataLoader worker it is mixed with the worker's seed so workers differ.
     """
 
-    def __init__(self, train: bool, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, pad: int = 4, flip: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        train: bool,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        pad: int = 4,
+        flip: bool = True,
+        seed: int | None = None,
+    ):
         if pad < 0:
             raise ValueError(f"pad = {pad} must be >= 0.")
         if len(mean) != len(std):
@@ -508,7 +537,9 @@ def make_image_processor(mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[flo
 # ---------------------------------------------------------------------------------------------------------- text
 
 
-def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int | None = None, text_column: str = "text", num_proc: int | None = None) -> Dataset:
+def tokenize_dataset(
+    dataset: Dataset, tokenizer, max_length: int | None = None, text_column: str = "text", num_proc: int | None = None
+) -> Dataset:
     """Tokenize `text_column` in batches: truncation to `max_length` (default: tokenizer.model_max_length), no padding.
 
     Returns the dataset with `input_ids` and `attention_mask` in place of the text column (other columns, e.g. the
@@ -520,7 +551,10 @@ def tokenize_dataset(dataset: Dataset, tokenizer, max_length: int | None = None,
     if max_length is None:
         max_length = tokenizer.model_max_length
     if not isinstance(max_length, int) or not 1 <= max_length <= 1_000_000:
-        raise ValueError(f"max_length = {max_length!r} must be a positive int; pass max_length= (the tokenizer gives no usable model_max_length).")
+        raise ValueError(
+            f"max_length = {max_length!r} must be a positive int; pass max_length= (the tokenizer gives no usable "
+            "model_max_length)."
+        )
     unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
 
     def tokenize_batch(batch: dict) -> dict:

@@ -46,11 +46,14 @@ def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 20000, min_freq
 
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be an iterable of strings, not one string; wrap a single text in a list.")
-    for name, value, minimum in (("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1), ("min_frequency", min_frequency, 1), ("model_max_length", model_max_length, 1)):
+    minimums = {"vocab_size": len(SPECIAL_TOKENS) + 1, "min_frequency": 1, "model_max_length": 1}
+    values = {"vocab_size": vocab_size, "min_frequency": min_frequency, "model_max_length": model_max_length}
+    for name, minimum in minimums.items():
+        value = values[name]
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}.")
         if value < minimum:
-            detail = f" ({len(SPECIAL_TOKENS)} special tokens {list(SPECIAL_TOKENS)} plus at least one word)" if name == "vocab_size" else ""
+            detail = f" ({len(SPECIAL_TOKENS)} special tokens {list(SPECIAL_TOKENS)} plus one word)" if name == "vocab_size" else ""
             raise ValueError(f"{name} = {value} is too small; it must be at least {minimum}{detail}.")
 
     text_iterator = iter(texts)

@@ -5,12 +5,13 @@ Use from a conftest (``from tests.hub_fixtures import hub_server  # noqa: F401``
 ``hub_server`` starts :class:`tests.hub_server.HubServer` on 127.0.0.1 (free port, blobs under ``tmp_path``), and
 for the duration of the test:
 
-* sets in ``os.environ``: ``HF_ENDPOINT`` (server url), ``HF_HUB_OFFLINE=0``, ``TRANSFORMERS_OFFLINE=0``,
+* sets in ``os.environ``: ``HF_ENDPOINT`` (server url), ``HF_TOKEN`` (``TEST_TOKEN``: a logged-in user; pass
+  ``token=False`` or ``monkeypatch.delenv("HF_TOKEN")`` for anonymous calls), ``HF_HUB_OFFLINE=0``, ``TRANSFORMERS_OFFLINE=0``,
   ``HF_HOME`` (``tmp_path/hf_home``) and under it ``HF_HUB_CACHE``, ``HF_ASSETS_CACHE``, ``HF_XET_CACHE``,
   ``HF_MODULES_CACHE``, ``HF_TOKEN_PATH``; ``HF_HUB_DISABLE_TELEMETRY=1``, ``HF_HUB_DISABLE_UPDATE_CHECK=1``,
-  ``HF_HUB_DISABLE_PROGRESS_BARS=1``; adds 127.0.0.1/localhost to ``NO_PROXY``/``no_proxy``; removes ``HF_TOKEN``,
+  ``HF_HUB_DISABLE_PROGRESS_BARS=1``; adds 127.0.0.1/localhost to ``NO_PROXY``/``no_proxy``; removes
   ``HUGGING_FACE_HUB_TOKEN``, ``HUGGINGFACE_HUB_CACHE``, ``HUGGINGFACE_ASSETS_CACHE``, ``TRANSFORMERS_CACHE``,
-  ``HUGGINGFACE_CO_STAGING``, ``HF_HUB_DISABLE_XET``;
+  ``HUGGINGFACE_CO_STAGING``, ``HF_HUB_DISABLE_XET``, ``HF_OIDC_RESOURCE``;
 * patches the values ``huggingface_hub.constants`` computed from the environment at import time (``ENDPOINT``,
   ``HUGGINGFACE_CO_URL_TEMPLATE``, ``HF_URL_HOSTS``, ``HF_HUB_OFFLINE``, the cache / token paths, ...), the
   endpoint of the module-level ``huggingface_hub.hf_api.api`` instance (behind ``huggingface_hub.create_repo``,
@@ -20,8 +21,8 @@ for the duration of the test:
 
 Everything is undone at teardown (monkeypatch), then the server stops.  The fixture value is a :class:`HubHandle`:
 ``url``, ``hub`` (the server: ``requests`` log, ``files()``, ``head()``, ``commit_titles()``), ``token`` (any
-string works), ``hf_home``, ``env`` (a full environment for fresh processes) and ``run_python(code)`` to run
-``python -c code`` in such a process.
+string works), ``hf_home``, ``env`` (a full environment for fresh processes), ``env_for(other_hf_home)`` and
+``run_python(code, *args, hf_home=None)`` to run ``python -c code`` in such a process.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from .hub_server import HubServer
 
 __all__ = ["HubHandle", "hub_server", "configure_client_for_hub"]
 
-TEST_TOKEN = "hf_test_token_for_local_hub"
+TEST_TOKEN = "hf_test_token_for_local_hub"  # any Bearer token is accepted by the test Hub
 
 _UNSET_ENV = (
-    "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_RESOURCE",
     "HUGGINGFACE_HUB_CACHE",
     "HUGGINGFACE_ASSETS_CACHE",
     "TRANSFORMERS_CACHE",
@@ -63,11 +64,27 @@ class HubHandle:
     def cache_dir(self) -> Path:
         return self.hf_home / "hub"
 
-    def run_python(self, code: str, *args: str, timeout: float = 120, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
-        """Run ``python -c code *args`` in a fresh interpreter whose environment points at the server."""
+    def env_for(self, hf_home: str | os.PathLike) -> dict[str, str]:
+        """``env`` with every Hugging Face cache moved under another ``hf_home`` (a process with an empty cache)."""
+        env = dict(self.env)
+        env.update({k: v for k, v in _hub_env(self.url, Path(hf_home)).items() if k not in ("NO_PROXY", "no_proxy")})
+        return env
+
+    def run_python(
+        self,
+        code: str,
+        *args: str,
+        hf_home: str | os.PathLike | None = None,
+        timeout: float = 120,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run ``python -c code *args`` in a fresh interpreter pointed at the server (text mode, output captured).
+
+        With ``hf_home``, that process gets its own (empty) cache there instead of sharing ``self.hf_home``.
+        """
         return subprocess.run(
             [sys.executable, "-c", code, *args],
-            env=self.env,
+            env=self.env if hf_home is None else self.env_for(hf_home),
             cwd=cwd or self.hf_home.parent,
             capture_output=True,
             text=True,
@@ -79,6 +96,7 @@ def _hub_env(url: str, hf_home: Path) -> dict[str, str]:
     no_proxy = ",".join(v for v in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy"), "127.0.0.1,localhost") if v)
     return {
         "HF_ENDPOINT": url,
+        "HF_TOKEN": TEST_TOKEN,
         "HF_HUB_OFFLINE": "0",
         "TRANSFORMERS_OFFLINE": "0",
         "HF_HOME": str(hf_home),

@@ -76,11 +76,20 @@ def _now_iso() -> str:
 
 
 class HubError(Exception):
-    """An HTTP error answer: status, optional ``X-Error-Code``, message (sent as ``X-Error-Message`` and JSON body)."""
+    """An HTTP error answer: status, optional ``X-Error-Code``, message (sent as ``X-Error-Message`` and as the JSON
+    body's ``error``, next to ``body``'s keys; e.g. a 409 on repo creation carries the existing repo's ``url``, which
+    ``create_repo(exist_ok=True)`` reads)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.status, self.message, self.code, self.headers, self.body = status, message, code, headers or {}, body or {}
 
 
 @dataclass
@@ -270,13 +279,18 @@ class _Handler(BaseHTTPRequestHandler):
             status = self._route(method, raw_path)
         except HubError as e:
             status = self._send_error(e)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away mid-answer
+            self.close_connection = True
+            status = 499
         except Exception as e:  # a bug here must surface as a clean 500, not a hung client
             status = self._send_error(HubError(500, f"test hub internal error: {type(e).__name__}: {e}"))
         finally:
             self.server.hub._log(method, raw_path, status, self.authenticated)
 
     # -- responses
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json", headers: dict[str, str] | None = None) -> int:
+    def _send(
+        self, status: int, body: bytes = b"", content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> int:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -295,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
         if e.code:
             headers["X-Error-Code"] = e.code
         headers["X-Error-Message"] = e.message.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
-        return self._json({"error": e.message}, e.status, headers)
+        return self._json({"error": e.message, **e.body}, e.status, headers)
 
     # -- routing
     def _route(self, method: str, raw_path: str) -> int:
@@ -404,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{hub.url}/{URL_PREFIX[repo_type]}{repo_id}"
         with hub.store.lock:
             if (repo_type, repo_id) in hub.store.repos:
-                raise HubError(409, "You already created this model repo", headers={})
+                raise HubError(409, f"You already created this {repo_type} repo", body={"url": url})
             hub.store.create_repo(repo_type, repo_id, private)
         return self._json({"url": url, "name": repo_id, "id": repo_id})
 
@@ -516,8 +530,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json({})
 
     def _delete_branch(self, repo: Repo, branch: str) -> int:
-        if branch not in repo.branches or branch == "main":
-            raise HubError(404 if branch not in repo.branches else 403, f"Cannot delete branch {branch}", "RevisionNotFound" if branch not in repo.branches else None)
+        if branch not in repo.branches:
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        if branch == "main":
+            raise HubError(403, "Cannot delete the default branch")
         del repo.branches[branch]
         return self._json({})
 
@@ -600,7 +616,13 @@ class _Handler(BaseHTTPRequestHandler):
         create_pr = self.query.get("create_pr", ["0"])[0].lower() in ("1", "true")
         oid = store.new_commit(repo, head, files, summary, header.get("description") or "")
         prefix = f"{hub.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}"
-        out: dict[str, Any] = {"success": True, "commitOid": oid, "commitUrl": f"{prefix}/commit/{oid}", "commitMessage": summary, "hookOutput": ""}
+        out: dict[str, Any] = {
+            "success": True,
+            "commitOid": oid,
+            "commitUrl": f"{prefix}/commit/{oid}",
+            "commitMessage": summary,
+            "hookOutput": "",
+        }
         if create_pr:
             repo.pr_count += 1
             repo.branches[f"refs/pr/{repo.pr_count}"] = oid
@@ -630,7 +652,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 start = max(size - int(m.group(2)), 0)
             if start >= size or start > end:
-                raise HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{size}", "X-Repo-Commit": sha})
+                headers = {"Content-Range": f"bytes */{size}", "X-Repo-Commit": sha}
+                raise HubError(416, "Requested range not satisfiable", headers=headers)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = end - start + 1 if size else 0
@@ -717,7 +740,9 @@ class HubServer:
             return self
         self._httpd = _HTTPServer(self)
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="test-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="test-hub", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -73,7 +73,7 @@ class SyntheticPruneEnv(gym.Env):
         return self._obs(), 0.0, False, False, info
 
     def optimum(self) -> tuple[list[float], float]:
-        """Water-filling KKT solution k_i = clip(1 - lam c_i / (2 s_i), min_keep, 1), lam bisected to meet the budget."""
+        """KKT (water-filling) solution k_i = clip(1 - lam c_i / (2 s_i), min_keep, 1), lam bisected onto the budget."""
         target = self.budget * self.costs.sum()
 
         def keeps(lam):

@@ -60,7 +60,7 @@ def run_search(env, policy: SearchPolicy, num_episodes: int, seed: int = 0, show
         postfix = {"reward": f"{reward:.4f}", "best": f"{best_reward:.4f}"}
         if "budget" in info:
             postfix["budget"] = f"{float(info['budget']):.3f}"
-        progress.set_postfix(postfix, refresh=False)
+        progress.set_postfix(postfix)
     progress.close()
     return SearchResult(
         best_reward=best_reward,
