@@ -125,6 +125,25 @@ def latency_figures(dense_config, pruned_model, seq_len=None) -> dict:
     return figures
 
 
+SECRET_ARGUMENTS = ("--hub_token",)
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command line for the card, with secrets (the Hub token) left out."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in SECRET_ARGUMENTS:
+            skip_next = True
+            continue
+        if any(arg.startswith(f"{name}=") for name in SECRET_ARGUMENTS):
+            continue
+        kept.append(arg)
+    return "python scripts/prune.py " + " ".join(shlex.quote(a) for a in kept)
+
+
 def main(argv=None):
     script, prune, training = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING,
@@ -179,7 +198,7 @@ def main(argv=None):
             "reward_split_pruned": report["accuracy"]["pruned"],
         }
         update_trade_off(report)
-        report["command"] = "python scripts/prune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        report["command"] = reproduce_command(sys.argv[1:] if argv is None else argv)
         if script.measure_latency:
             report["latency_ms"] = latency_figures(callback.dense_config, pruned)
         logger.info("Pruned test accuracy: %.4f (dense %.4f); MACs %d -> %d", report["accuracy"]["pruned"], dense_test_accuracy,

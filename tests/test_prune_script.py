@@ -1,0 +1,118 @@
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_rlprune import RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+
+from .hub_fixtures import hub_server  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_prune_script():
+    spec = importlib.util.spec_from_file_location("prune_script", ROOT / "scripts" / "prune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOAD_AND_PREDICT = textwrap.dedent(
+    """
+    import json, sys
+    if sys.argv[1] == "blocked":
+        sys.modules["hf_rlprune"] = None  # the package is not importable in this process
+    else:
+        import hf_rlprune  # registers the Auto classes: no remote code needed
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    kwargs = {"trust_remote_code": True} if sys.argv[1] == "blocked" else {}
+    model = AutoModelForSequenceClassification.from_pretrained("org/imdb-pruned", **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained("org/imdb-pruned", **kwargs)
+    batch = tokenizer(["a great and wonderful film", "boring, awful<br /><br />plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "widths": model.config.lstm_hidden_sizes}))
+    """
+)
+
+
+def test_smoke_run_pushes_to_the_hub_and_loads_back(tmp_path, hub_server):  # noqa: F811
+    prune = load_prune_script()
+    output_dir = tmp_path / "out"
+    report = prune.main(["--smoke", "--task", "imdb", "--output_dir", str(output_dir), "--measure_latency", "false",
+                         "--push_to_hub", "--hub_model_id", "org/imdb-pruned", "--hub_token", hub_server.token])
+    folder = output_dir / "pruned"
+    names = {path.name for path in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "pruning_report.json", "README.md", "modeling_rlprune_lstm.py"} <= names
+    assert report["accuracy"]["split"] == "test" and report["accuracy"]["pruned"] is not None
+    assert report["macs"]["pruned"] <= 0.5 * report["macs"]["dense"]
+    card = (folder / "README.md").read_text()
+    assert "{{" not in card and "org/imdb-pruned" in card and "model-index" in card
+    for path in output_dir.rglob("*"):  # the token is never written anywhere
+        if path.is_file() and path.suffix in (".json", ".md", ".txt", ".py"):
+            assert hub_server.token not in path.read_text(errors="ignore"), path
+    assert hub_server.token not in json.dumps(report)
+    assert "README.md" in hub_server.hub.files("org/imdb-pruned", "main")
+
+    local = RLPruneLSTMForSequenceClassification.from_pretrained(folder).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["a great and wonderful film", "boring, awful<br /><br />plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = local(**batch).logits
+    for mode in ("installed", "blocked"):
+        result = hub_server.run_python(LOAD_AND_PREDICT, mode, hf_home=tmp_path / f"home-{mode}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert lines, result.stdout[-2000:] + result.stderr[-2000:]
+        loaded = json.loads(lines[-1])
+        assert loaded["widths"] == local.config.lstm_hidden_sizes
+        assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-6)
+        assert loaded["module"].startswith("hf_rlprune") == (mode == "installed")
+
+
+def test_smoke_cifar_run_with_onnx_export(tmp_path):
+    prune = load_prune_script()
+    report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
+                         "--target", "0.4"])
+    folder = tmp_path / "pruned"
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert report["macs"]["pruned"] <= 0.4 * report["macs"]["dense"]
+    assert report["layers"][0]["width"] == model.config.conv_channels[0] < report["layers"][0]["dense_width"]
+    assert (folder / "preprocessor_config.json").exists()
+    pixels = torch.randn(2, 3, 32, 32)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        assert np.allclose(onnx_logits, model(pixels).logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv, error, message",
+    [
+        (["--task", "mnist"], ValueError, "Unknown task 'mnist'"),
+        (["--smoke", "--push_to_hub"], ValueError, "--hub_model_id"),
+        (["--smoke", "--target", "0.001", "--min_keep", "0.5"], ValueError, "cannot be met"),
+        (["--smoke", "--target", "1.5"], ValueError, "target"),
+    ],
+)
+def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
+    prune = load_prune_script()
+    with pytest.raises(error, match=message):
+        prune.main([*argv, "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "dense").exists()
+
+
+def test_checkpoint_of_another_model_is_rejected(tmp_path):
+    RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20)).save_pretrained(tmp_path / "lstm")
+    prune = load_prune_script()
+    with pytest.raises(ValueError, match="holds a 'rlprune-lstm' model"):
+        prune.main(["--task", "cifar10", "--model_name_or_path", str(tmp_path / "lstm"), "--output_dir", str(tmp_path / "out")])
