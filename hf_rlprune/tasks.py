@@ -168,3 +168,117 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
     model.save_pretrained(output_dir)
     task_data.processing_class.save_pretrained(output_dir)
     return model
+
+
+# ---- data kept on the device (benchmarks on a GPU: no per-batch host work, no transfers) ---------------------------
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Rows 0..n-1; a DeviceBatchCollator turns a list of row indices into a batch gathered on the device."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+
+    def __len__(self):
+        return self.num_rows
+
+    def __getitem__(self, index):
+        return index
+
+
+class DeviceBatchCollator:
+    """Gathers rows from tensors already on the device; images get batched crop/flip (train) and normalization.
+
+    Text rows are right-padded (N, T) tensors; each batch is trimmed to its longest row.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], train: bool, seed: int = 0):
+        self.tensors = tensors
+        self.train = train
+        self.is_image = "images" in tensors
+        device = next(iter(tensors.values())).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, indices) -> dict:
+        from .data import normalize_images, random_crop_flip
+
+        device = self.tensors["labels"].device
+        index = torch.as_tensor(indices, device=device)
+        if self.is_image:
+            images = self.tensors["images"].index_select(0, index)  # (B, 3, H, W) uint8
+            if self.train:
+                images = random_crop_flip(images, self.generator)
+            return {"pixel_values": normalize_images(images), "labels": self.tensors["labels"].index_select(0, index)}
+        mask = self.tensors["attention_mask"].index_select(0, index)  # (B, T)
+        longest = int(mask.sum(dim=1).max())
+        return {
+            "input_ids": self.tensors["input_ids"].index_select(0, index)[:, :longest],
+            "attention_mask": mask[:, :longest],
+            "labels": self.tensors["labels"].index_select(0, index),
+        }
+
+
+def task_tensors(dataset, device) -> dict[str, torch.Tensor]:
+    """A prepared split (CachedImageDataset or tokenized Dataset) as tensors on `device`."""
+    from .data import tokenized_to_tensors
+
+    if isinstance(dataset, CachedImageDataset):
+        return {"images": dataset.images.to(device), "labels": dataset.labels.to(device)}
+    tensors = tokenized_to_tensors(dataset.with_format(None), pad_token_id=0, label_column="labels")
+    return {key: value.to(device) for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def tensor_accuracy(model, tensors: dict, batch_size: int = 1024, autocast_dtype=None) -> float:
+    collator = DeviceBatchCollator(tensors, train=False)
+    total = tensors["labels"].shape[0]
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=tensors["labels"].device)
+    device_type = tensors["labels"].device.type
+    for start in range(0, total, batch_size):
+        batch = collator(range(start, min(start + batch_size, total)))
+        labels = batch.pop("labels")
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            correct += (model(**batch).logits.argmax(-1) == labels).sum()
+    model.train(was_training)
+    return float(correct) / total
+
+
+def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=1e-3, lr_decay=1e-4, batch_size=128, seed=0,
+                     autocast_dtype=None, eval_tensors: dict | None = None, patience: int | None = None, log=print):
+    """A lean training loop for dense pre-training with the plan's recipe (Adam, Keras-style lr decay, batch 128)
+    on device-resident data. With `eval_tensors` and `patience`, keeps the best epoch by held-out accuracy and stops
+    once `patience` epochs bring no improvement (how many epochs help, read off the reward split)."""
+    device = tensors["labels"].device
+    collator = DeviceBatchCollator(tensors, train=True, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    scheduler = inverse_time_decay(optimizer, lr_decay)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = tensors["labels"].shape[0]
+    best_accuracy, best_state, stale, history = -1.0, None, 0, []
+    model.train()
+    for epoch in range(int(epochs)):
+        order = torch.randperm(total, generator=generator, device=device)
+        for start in range(0, total - batch_size + 1, batch_size):
+            batch = collator(order[start : start + batch_size])
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        if eval_tensors is not None:
+            accuracy = tensor_accuracy(model, eval_tensors, autocast_dtype=autocast_dtype)
+            history.append(accuracy)
+            log(f"epoch {epoch + 1}: loss {float(loss):.4f} held-out accuracy {accuracy:.4f}")
+            if accuracy > best_accuracy:
+                best_accuracy, stale = accuracy, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if patience is not None and stale >= patience:
+                    break
+    if best_state is not None and patience is not None:
+        model.load_state_dict(best_state)
+    return history

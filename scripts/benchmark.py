@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""RL pruning against the baselines on real CIFAR-10 / IMDB: every method gets the same fine-tuning recipe.
+
+    # on a GPU (see the README's benchmark section for bringing the data to the lent machine)
+    python scripts/benchmark.py --task cifar10 --dataset_dir ../shared/data/cifar10 --output_dir results
+    python scripts/benchmark.py --task cifar10 --model_preset vgg6 --pretrain_epochs 20 --dataset_dir ../shared/data/cifar10
+    python scripts/benchmark.py --task imdb --dataset_dir ../shared/data/imdb --pretrain_epochs 10
+    # CPU-sized variant: a few thousand examples, a couple of epochs, minutes on a laptop
+    python scripts/benchmark.py --task cifar10 --dataset_dir ../shared/data/cifar10 --cpu_small
+    # tables, plot and model cards again from a results file (no training)
+    python scripts/benchmark.py --report_only results/cifar10.json
+
+Steps: pre-train the dense model with the plan's recipe (or load --dense_model_path); then, per budget, method and
+seed, prune + fine-tune through RLPruneCallback with identical TrainingArguments (methods: the PPO agent, random
+search with the same number of reward evaluations, uniform keep ratio, and uniform one-shot at step 1 as the
+non-gradual reference); measure test accuracy, cost and latency; write results/<name>.json, .md and .png, and
+model cards of the best pruned model per budget to model_cards/.
+"""
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from hf_rlprune import RLPruneCallback, RLPruneConfig
+from hf_rlprune.card import render_model_card, update_trade_off
+from hf_rlprune.pruning import compute_macs, count_parameters, measure_latency
+from hf_rlprune.tasks import (
+    DeviceBatchCollator,
+    IndexDataset,
+    build_model,
+    load_model,
+    prepare_task,
+    task_tensors,
+    tensor_accuracy,
+    train_on_tensors,
+)
+
+logger = logging.getLogger("hf_rlprune.benchmark")
+METHODS = ("ppo", "random", "uniform", "oneshot")
+
+
+@dataclass
+class BenchmarkArguments:
+    task: str = field(default="cifar10", metadata={"help": "cifar10 or imdb."})
+    model_preset: str = field(default="reference", metadata={"help": "CIFAR-10 CNN: reference or vgg6."})
+    dataset_dir: str | None = field(default=None, metadata={"help": "Hub id or local folder of the data."})
+    output_dir: str = field(default="results", metadata={"help": "Where <name>.json/.md/.png go."})
+    cards_dir: str = field(default="model_cards", metadata={"help": "Where the best pruned models' cards go."})
+    dense_model_path: str | None = field(default=None, metadata={"help": "Load the dense model instead of pre-training."})
+    save_dense_to: str | None = field(default=None, metadata={"help": "Save the pre-trained dense model here."})
+    pretrain_epochs: int = field(default=50, metadata={"help": "Dense pre-training epochs (IMDB: the most; early-stopped on the reward split)."})
+    pretrain_patience: int | None = field(default=None, metadata={"help": "Stop pre-training after this many epochs without reward-split gain."})
+    finetune_epochs: float = field(default=10, metadata={"help": "Epochs of pruning + fine-tuning, the same for every method."})
+    finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate (cosine decay), the same for every method."})
+    batch_size: int = field(default=128, metadata={"help": "Batch size of pre-training and fine-tuning."})
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "MACs budgets (fractions of dense)."})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Among {METHODS}."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
+    num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
+    search_episodes: int = field(default=32, metadata={"help": "Reward evaluations per round (PPO and random search)."})
+    recovery_steps: int = field(default=50, metadata={"help": "Recovery steps before each reward measurement."})
+    reward_size: float = field(default=0.1, metadata={"help": "Fraction of training data held out for the reward."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+    max_length: int = field(default=256, metadata={"help": "IMDB: tokens per review."})
+    latency_runs: int = field(default=1, metadata={"help": "Measure latency for this many seeds per (budget, method)."})
+    cpu_small: bool = field(default=False, metadata={"help": "CPU-sized run: 4000 examples, 2 epochs, 1 seed, small search."})
+    report_only: str | None = field(default=None, metadata={"help": "Rebuild table, plot and cards from this results JSON."})
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (average ranks for ties); numpy only, so the GPU image needs no scipy."""
+    def ranks(values):
+        values = np.asarray(values, dtype=float)
+        order = values.argsort(kind="stable")
+        rank = np.empty(len(values))
+        rank[order] = np.arange(len(values), dtype=float)
+        for value in np.unique(values):  # ties share their mean rank
+            tied = values == value
+            rank[tied] = rank[tied].mean()
+        return rank
+
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int) -> RLPruneConfig:
+    common = dict(target=budget, prune_seed=seed, search_episodes=args.search_episodes, recovery_steps=args.recovery_steps,
+                  num_rounds=args.num_rounds, save_on_train_end=False, show_progress=False)
+    if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning
+        return RLPruneConfig(**{**common, "method": "uniform", "num_rounds": 1, "start_fraction": 0.0, "end_fraction": 0.0})
+    return RLPruneConfig(**{**common, "method": method})
+
+
+def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, measure_latency_now) -> dict:
+    set_seed(seed)
+    model = copy.deepcopy(dense).to(device)
+    callback = RLPruneCallback(prune_config(args, method, budget, seed), reward_dataset=IndexDataset(len(tensors["reward"]["labels"])),
+                               data_collator=DeviceBatchCollator(tensors["reward"], train=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        training = TrainingArguments(
+            output_dir=tmp, num_train_epochs=args.finetune_epochs, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.finetune_lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+            save_strategy="no", report_to=[], logging_steps=200, seed=seed, bf16=autocast is torch.bfloat16,
+            dataloader_pin_memory=False, dataloader_drop_last=True, use_cpu=device.type == "cpu", disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=training, train_dataset=IndexDataset(len(tensors["train"]["labels"])),
+                          data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed), callbacks=[callback])
+        start = time.perf_counter()
+        trainer.train()
+        total_seconds = time.perf_counter() - start
+    pruned = trainer.model
+    report = callback.report
+    accuracy = tensor_accuracy(pruned, tensors["test"], autocast_dtype=autocast)
+    report["accuracy"] = {"split": "test", "dense": data["dense_accuracy"], "pruned": accuracy,
+                          "reward_split_pruned": report["accuracy"]["pruned"]}
+    update_trade_off(report)
+    report["search"]["total_seconds"] = total_seconds
+    report["latency_ms"] = latency_figures(dense, pruned, device) if measure_latency_now else {}
+    final_reward = callback.history[-1]["reward"] if callback.history else None
+    logger.info("%s budget %.2f seed %d: test %.4f (dense %.4f), MACs %.3f, %d evaluations, search %.1fs, total %.1fs",
+                method, budget, seed, accuracy, data["dense_accuracy"], report["macs"]["pruned"] / report["macs"]["dense"],
+                report["search"]["reward_evaluations"], report["search"]["search_seconds"], total_seconds)
+    return {"method": method, "budget": budget, "seed": seed, "test_accuracy": accuracy, "final_reward": final_reward,
+            "report": report}
+
+
+def latency_figures(dense, pruned, device) -> dict:
+    figures = {}
+    runs = [("onnxruntime", "cpu", 1), ("onnxruntime", "cpu", 128)]
+    if device.type == "cuda":
+        runs.append(("torch", "cuda", 128))
+    for runtime, where, batch in runs:
+        figures[f"{runtime}_{where}_batch{batch}"] = {
+            side: measure_latency(copy.deepcopy(m).float(), batch, runtime, device=where, repeats=20, warmup=5).median_ms
+            for side, m in (("dense", dense), ("pruned", pruned))
+        }
+    return figures
+
+
+def summarize(results: dict) -> dict:
+    """Mean/std per (budget, method) and the reward fidelity per budget."""
+    rows = {}
+    for run in results["runs"]:
+        rows.setdefault((run["budget"], run["method"]), []).append(run)
+    summary = []
+    for (budget, method), runs in sorted(rows.items(), key=lambda item: (-item[0][0], METHODS.index(item[0][1]))):
+        accuracies = np.array([r["test_accuracy"] for r in runs])
+        first = runs[0]["report"]
+        latency = next((r["report"]["latency_ms"] for r in runs if r["report"].get("latency_ms")), {})
+        summary.append({
+            "budget": budget, "method": method, "seeds": len(runs),
+            "accuracy_mean": float(accuracies.mean()), "accuracy_std": float(accuracies.std(ddof=1)) if len(runs) > 1 else 0.0,
+            "macs": float(np.mean([r["report"]["macs"]["pruned"] for r in runs])),
+            "macs_ratio": float(np.mean([r["report"]["macs"]["pruned"] / r["report"]["macs"]["dense"] for r in runs])),
+            "params": float(np.mean([r["report"]["params"]["pruned"] for r in runs])),
+            "pruning_ratio_units": float(np.mean([r["report"]["pruning_ratio"]["units_removed"] for r in runs])),
+            "trade_off": float(np.mean([r["report"]["trade_off_score"]["pruned"] for r in runs])),
+            "reward_evaluations": int(first["search"]["reward_evaluations"]),
+            "search_seconds": float(np.mean([r["report"]["search"]["search_seconds"] for r in runs])),
+            "total_seconds": float(np.mean([r["report"]["search"]["total_seconds"] for r in runs])),
+            "latency_ms": latency,
+            "keep_ratios": first["policy"],
+        })
+    fidelity = {}
+    for budget in sorted({r["budget"] for r in results["runs"]}, reverse=True):
+        searched = [r for r in results["runs"] if r["budget"] == budget and r["method"] in ("ppo", "random", "uniform") and r["final_reward"] is not None]
+        fidelity[str(budget)] = {"spearman": spearman([r["final_reward"] for r in searched], [r["test_accuracy"] for r in searched]),
+                                 "policies": len(searched)}
+    return {"rows": summary, "reward_fidelity": fidelity}
+
+
+def markdown(results: dict, summary: dict) -> str:
+    dense = results["dense"]
+    lines = [
+        f"**{results['name']}** on {results['device']}: dense test accuracy {100 * dense['accuracy']:.2f}%, "
+        f"{dense['macs']:,} MACs, {dense['params']:,} params; pre-training {dense['pretrain_seconds']:.0f} s.",
+        "",
+        "| budget | method | test acc. (mean ± std) | Δ vs dense | MACs | params | units removed | acc./GFLOP | reward evals | search s | total s | ORT CPU b1 / b128 ms | GPU b128 ms | keep ratios |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        latency = row["latency_ms"]
+        ort = " / ".join(f"{latency[k]['pruned']:.2f}" for k in ("onnxruntime_cpu_batch1", "onnxruntime_cpu_batch128") if k in latency) or "–"
+        gpu = f"{latency['torch_cuda_batch128']['pruned']:.2f}" if "torch_cuda_batch128" in latency else "–"
+        ratios = ", ".join(f"{v:.2f}" for v in row["keep_ratios"].values())
+        lines.append(
+            f"| {row['budget']:.2f} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
+            f"| {100 * (row['accuracy_mean'] - dense['accuracy']):+.2f} | {row['macs']:,.0f} ({row['macs_ratio']:.3f}) | {row['params']:,.0f} "
+            f"| {100 * row['pruning_ratio_units']:.1f}% | {row['trade_off']:.3f} | {row['reward_evaluations']} | {row['search_seconds']:.1f} "
+            f"| {row['total_seconds']:.1f} | {ort} | {gpu} | {ratios} |"
+        )
+    dense_latency = results["dense"].get("latency_ms", {})
+    if dense_latency:
+        lines += ["", "Dense latency (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in dense_latency.items()) + "."]
+    lines += ["", "Reward fidelity (Spearman correlation of the final-round reward with test accuracy after fine-tuning, "
+              "over the searched policies): " + ", ".join(f"{float(b):.2f} MACs: {f['spearman']:.2f} ({f['policies']} policies)"
+                                                        for b, f in summary["reward_fidelity"].items()) + "."]
+    return "\n".join(lines)
+
+
+def plot(results: dict, summary: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        rows = [r for r in summary["rows"] if r["method"] == method]
+        if rows:
+            axis.errorbar([r["macs_ratio"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
+                          yerr=[100 * r["accuracy_std"] for r in rows], fmt="o", capsize=3, label=method)
+    axis.plot([1.0], [100 * results["dense"]["accuracy"]], "k*", markersize=12, label="dense")
+    axis.set_xlabel("MACs / dense MACs")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{results['name']}: accuracy versus MACs")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
+    summary = summarize(results)
+    results["summary"] = summary
+    os.makedirs(args.output_dir, exist_ok=True)
+    base = os.path.join(args.output_dir, results["name"])
+    with open(base + ".json", "w") as handle:
+        json.dump(results, handle, indent=1)
+    table = markdown(results, summary)
+    with open(base + ".md", "w") as handle:
+        handle.write(table + "\n")
+    plot(results, summary, base + ".png")
+    print(table)
+    # cards of the best pruned model per budget (highest test accuracy among the searched runs)
+    os.makedirs(args.cards_dir, exist_ok=True)
+    for budget in sorted({r["budget"] for r in results["runs"]}, reverse=True):
+        runs = [r for r in results["runs"] if r["budget"] == budget]
+        best = max(runs, key=lambda r: r["test_accuracy"])
+        name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
+        report = dict(best["report"], command=results["command"])
+        card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=results["command"], dataset_name=results["task"])
+        card.save(os.path.join(args.cards_dir, f"{name}.md"))
+    return summary
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.report_only:
+        with open(args.report_only) as handle:
+            return write_outputs(json.load(handle), args)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
+    if args.cpu_small:
+        args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
+        args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2
+        args.latency_runs, args.max_length = 1, min(args.max_length, 128)
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    set_seed(0)
+    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    data = prepare_task(args.task, args.dataset_dir, reward_size=args.reward_size, seed=0,
+                        max_train_samples=args.max_train_samples, max_length=args.max_length)
+    tensors = {split: task_tensors(getattr(data, split), device) for split in ("train", "reward", "test")}
+    name = args.task if args.task == "imdb" or args.model_preset == "reference" else f"{args.task}-{args.model_preset}"
+    start = time.perf_counter()
+    if args.dense_model_path:
+        dense = load_model(args.task, args.dense_model_path).to(device)
+        history = []
+    else:
+        dense = build_model(args.task, args.model_preset, data, max_length=args.max_length).to(device)
+        patience = args.pretrain_patience if args.pretrain_patience is not None else (2 if args.task == "imdb" else None)
+        history = train_on_tensors(dense, tensors["train"], args.pretrain_epochs, batch_size=args.batch_size, seed=0,
+                                   autocast_dtype=autocast, eval_tensors=tensors["reward"], patience=patience, log=logger.info)
+        if args.save_dense_to:
+            dense.save_pretrained(args.save_dense_to)
+            data.processing_class.save_pretrained(args.save_dense_to)
+    pretrain_seconds = time.perf_counter() - start
+    dense_accuracy = tensor_accuracy(dense, tensors["test"], autocast_dtype=autocast)
+    logger.info("dense %s: test accuracy %.4f after %.1fs", name, dense_accuracy, pretrain_seconds)
+    data_info = {"dense_accuracy": dense_accuracy}
+    results = {
+        "name": name, "task": args.task, "command": command,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "args": {k: v for k, v in vars(args).items()},
+        "dense": {"accuracy": dense_accuracy, "macs": compute_macs(dense), "params": count_parameters(dense),
+                  "pretrain_seconds": pretrain_seconds, "pretrain_reward_accuracy_per_epoch": history,
+                  "latency_ms": {k: v["dense"] for k, v in latency_figures(dense, dense, device).items()}},
+        "runs": [],
+    }
+    for budget in args.budgets:
+        for method in args.methods:
+            for index, seed in enumerate(args.seeds):
+                results["runs"].append(run_one(args, dense, data_info, tensors, method, budget, seed, device, autocast,
+                                               measure_latency_now=index < args.latency_runs))
+                with open(os.path.join(args.output_dir, f"{name}.partial.json"), "w") as handle:  # survives a cut-off run
+                    json.dump(results, handle)
+    return write_outputs(results, args)
+
+
+if __name__ == "__main__":
+    main()
