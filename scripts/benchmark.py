@@ -66,6 +66,8 @@ class BenchmarkArguments:
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Among {METHODS}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
     num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
+    start_fraction: float = field(default=0.0, metadata={"help": "Fraction of fine-tuning before the first round."})
+    end_fraction: float = field(default=0.3, metadata={"help": "Fraction of fine-tuning at the last round; the rest recovers."})
     search_episodes: int = field(default=32, metadata={"help": "Reward evaluations per round (PPO and random search)."})
     recovery_steps: int = field(default=50, metadata={"help": "Recovery steps before each reward measurement."})
     reward_size: float = field(default=0.1, metadata={"help": "Fraction of training data held out for the reward."})
@@ -73,7 +75,9 @@ class BenchmarkArguments:
     max_length: int = field(default=256, metadata={"help": "IMDB: tokens per review."})
     latency_runs: int = field(default=1, metadata={"help": "Measure latency for this many seeds per (budget, method)."})
     cpu_small: bool = field(default=False, metadata={"help": "CPU-sized run: 4000 examples, 2 epochs, 1 seed, small search."})
-    report_only: str | None = field(default=None, metadata={"help": "Rebuild table, plot and cards from this results JSON."})
+    report_only: list[str] | None = field(
+        default=None, metadata={"help": "Rebuild table, plot and cards from these results JSON files (runs of one dense model merged)."}
+    )
 
 
 def spearman(x, y) -> float:
@@ -98,7 +102,8 @@ def spearman(x, y) -> float:
 
 def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int) -> RLPruneConfig:
     common = dict(target=budget, prune_seed=seed, search_episodes=args.search_episodes, recovery_steps=args.recovery_steps,
-                  num_rounds=args.num_rounds, save_on_train_end=False, show_progress=False)
+                  num_rounds=args.num_rounds, start_fraction=args.start_fraction, end_fraction=args.end_fraction,
+                  save_on_train_end=False, show_progress=False)
     if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning
         return RLPruneConfig(**{**common, "method": "uniform", "num_rounds": 1, "start_fraction": 0.0, "end_fraction": 0.0})
     return RLPruneConfig(**{**common, "method": method})
@@ -255,18 +260,36 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
         runs = [r for r in results["runs"] if r["budget"] == budget]
         best = max(runs, key=lambda r: r["test_accuracy"])
         name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
-        report = dict(best["report"], command=results["command"])
-        card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=results["command"], dataset_name=results["task"])
+        command = best.get("command", results["command"])
+        report = dict(best["report"], command=command)
+        card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"])
         card.save(os.path.join(args.cards_dir, f"{name}.md"))
     return summary
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One results dict from several runs of the benchmark on the same dense model (e.g. one file per budget)."""
+    merged = None
+    for path in paths:
+        with open(path) as handle:
+            results = json.load(handle)
+        for run in results["runs"]:
+            run.setdefault("command", results["command"])
+        if merged is None:
+            merged = results
+            continue
+        if abs(results["dense"]["accuracy"] - merged["dense"]["accuracy"]) > 1e-9 or results["name"] != merged["name"]:
+            raise ValueError(f"{path} holds runs of another dense model ({results['name']}, accuracy {results['dense']['accuracy']}).")
+        merged["runs"].extend(results["runs"])
+        merged["command"] += " && " + results["command"]
+    return merged
 
 
 def main(argv=None):
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.report_only:
-        with open(args.report_only) as handle:
-            return write_outputs(json.load(handle), args)
+        return write_outputs(merge_results(args.report_only), args)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
