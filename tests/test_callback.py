@@ -113,9 +113,9 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
     assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
 
 
-def test_gradient_accumulation_eval_and_best_model(tmp_path):
+def test_gradient_accumulation_mixed_precision_eval_and_best_model(tmp_path):
     trainer, callback = train(
-        tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=16, save_strategy="steps", save_steps=16,
+        tmp_path, gradient_accumulation_steps=2, bf16=True, eval_strategy="steps", eval_steps=16, save_strategy="steps", save_steps=16,
         load_best_model_at_end=True, metric_for_best_model="accuracy", max_steps=20,
     )
     assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
