@@ -11,6 +11,7 @@ from .callback import RLPruneCallback
 from .config import RLPruneConfig
 from .env import PruningEnv
 from .pruning import (
+    LatencyTable,
     apply_masks,
     compact,
     compute_flops,
@@ -25,6 +26,7 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LatencyTable",
     "PruningEnv",
     "RLPruneCallback",
     "RLPruneConfig",

@@ -99,6 +99,7 @@ class RLPruneCallback(TrainerCallback):
         self._train_dataset = None
         self._train_collator = None
         self._batch_size = 8
+        self.latency_table = None  # LatencyTable for latency budgets / rewards, built once at train begin
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -126,7 +127,34 @@ class RLPruneCallback(TrainerCallback):
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
         if state.global_step > 0:
             self._resume(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model, optimizer)
+        if cfg.uses_latency:
+            self._build_latency_table(state)
         self._handler = self._find_handler()
+
+    def _build_latency_table(self, state) -> None:
+        """Measure (or load from cache) the dense model's latency table on the main process, which alone searches;
+        every rank resolves a target in milliseconds to the same fraction of the dense latency."""
+        from .pruning.latency_table import LatencyTable, default_cache_dir
+
+        cfg = self.config
+        dense_ms = None
+        if state.is_world_process_zero:
+            if self.latency_table is None:
+                self.latency_table = LatencyTable.build(
+                    self.dense_config, runtime=cfg.latency_runtime, batch_size=cfg.latency_batch_size, device=cfg.latency_device,
+                    threads=cfg.latency_threads, cache_dir=cfg.latency_cache_dir or default_cache_dir(),
+                )
+            dense_ms = self.latency_table.dense_ms
+        cfg.resolve_target_latency(_broadcast(dense_ms))
+        if state.is_world_process_zero:  # an impossible budget is an error now, not after the first rounds
+            try:
+                PruningEnv(self.dense_config, lambda widths: 0.0, target=cfg.target, budget_kind=cfg.budget_kind,
+                           min_keep=cfg.min_keep, latency_fn=self.latency_table, width_multiple=cfg.width_multiple)
+            except ValueError as error:
+                if cfg.target_latency_ms is None:
+                    raise
+                raise ValueError(f"target_latency_ms = {cfg.target_latency_ms} is {cfg.target:.3f} x the dense model's "
+                                 f"estimated {dense_ms:.2f} ms. {error}") from error
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.taylor is not None:
@@ -179,6 +207,8 @@ class RLPruneCallback(TrainerCallback):
             target=target,
             budget_kind=cfg.budget_kind,
             reward_mode=cfg.reward_mode,
+            reward_cost=cfg.reward_cost,
+            latency_fn=self.latency_table,
             min_keep=cfg.min_keep,
             fill_budget=cfg.fill_budget,
             width_multiple=cfg.width_multiple,

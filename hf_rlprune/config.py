@@ -2,19 +2,43 @@
 
 from dataclasses import dataclass, field
 
-from .env import BUDGET_KINDS, REWARD_MODES
+from .env import BUDGET_KINDS, REWARD_COSTS, REWARD_MODES
 from .pruning import IMPORTANCE_CRITERIA
+from .pruning.latency import RUNTIMES
 
 METHODS = ("ppo", "random", "uniform")
 
 
 @dataclass
 class RLPruneConfig:
-    target: float = field(default=0.5, metadata={"help": "Budget: the pruned model's cost as a fraction of the dense model's, in (0, 1]."})
+    target: float | None = field(
+        default=None,
+        metadata={"help": "Budget: the pruned model's cost as a fraction of the dense model's, in (0, 1] (default 0.5; "
+                          "leave unset when giving target_latency_ms)."},
+    )
     budget_kind: str = field(default="macs", metadata={"help": f"What the budget limits: one of {BUDGET_KINDS}."})
+    target_latency_ms: float | None = field(
+        default=None,
+        metadata={"help": "Budget in milliseconds on the latency runtime (needs budget_kind latency; replaces target): "
+                          "converted to a fraction of the dense model's latency estimated by the latency table."},
+    )
     reward_mode: str = field(
         default="budget_accuracy",
-        metadata={"help": f"Reward: one of {REWARD_MODES} (accuracy under the budget; accuracy / cost; AMC's -error*log(FLOPs))."},
+        metadata={"help": f"Reward: one of {REWARD_MODES} (accuracy under the budget; accuracy / cost; AMC's -error*log(cost))."},
+    )
+    reward_cost: str | None = field(
+        default=None,
+        metadata={"help": f"The cost in the trade_off and amc rewards: one of {REWARD_COSTS}; 'latency' makes trade_off the "
+                          "plan's accuracy / inference time. Default: the budget's kind for trade_off, macs (FLOPs) for amc."},
+    )
+    latency_runtime: str = field(
+        default="onnxruntime", metadata={"help": f"Where latency is measured for latency budgets and rewards: one of {RUNTIMES}."}
+    )
+    latency_batch_size: int = field(default=128, metadata={"help": "Batch size the latency is measured at (the deployment batch)."})
+    latency_device: str = field(default="cpu", metadata={"help": "Device for the latency: 'cpu', or 'cuda' with latency_runtime torch."})
+    latency_threads: int | None = field(default=None, metadata={"help": "CPU threads for the latency (default: torch's default, the core count)."})
+    latency_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where latency tables are cached as JSON (default: ~/.cache/hf_rlprune/latency)."}
     )
     method: str = field(
         default="ppo",
@@ -34,7 +58,11 @@ class RLPruneConfig:
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
     min_keep: float = field(default=0.05, metadata={"help": "Smallest keep ratio any layer may get, in (0, 1]."})
     fill_budget: bool = field(default=True, metadata={"help": "Scale each allocation up to use the whole budget."})
-    width_multiple: int = field(default=1, metadata={"help": "Snap kept widths to a multiple of this (hardware-friendly widths)."})
+    width_multiple: int | None = field(
+        default=None,
+        metadata={"help": "Snap kept widths to a multiple of this (hardware-friendly widths). Default: 8 for latency "
+                          "budgets, 1 otherwise."},
+    )
     ppo_episodes_per_update: int = field(default=8, metadata={"help": "Episodes per PPO update."})
     ppo_learning_rate: float = field(
         default=1e-3,
@@ -53,9 +81,31 @@ class RLPruneConfig:
             if not condition:
                 raise ValueError(message)
 
-        check(0.0 < self.target <= 1.0, f"target = {self.target} must be a fraction of the dense cost in (0, 1], e.g. 0.25.")
         check(self.budget_kind in BUDGET_KINDS, f"budget_kind = {self.budget_kind!r} is unknown; choose one of {BUDGET_KINDS}.")
+        if self.target_latency_ms is not None:
+            check(self.target is None, f"Give one budget: target = {self.target} (a fraction) or target_latency_ms = "
+                                       f"{self.target_latency_ms} (milliseconds), not both.")
+            check(self.budget_kind == "latency", f"target_latency_ms = {self.target_latency_ms} is a latency budget; set "
+                                                 f"budget_kind='latency' (got {self.budget_kind!r}).")
+            check(self.target_latency_ms > 0, f"target_latency_ms = {self.target_latency_ms} must be > 0 milliseconds.")
+        elif self.target is None:
+            self.target = 0.5
+        if self.target is not None:
+            check(0.0 < self.target <= 1.0, f"target = {self.target} must be a fraction of the dense cost in (0, 1], e.g. 0.25.")
         check(self.reward_mode in REWARD_MODES, f"reward_mode = {self.reward_mode!r} is unknown; choose one of {REWARD_MODES}.")
+        if self.reward_cost is not None:
+            check(self.reward_cost in REWARD_COSTS, f"reward_cost = {self.reward_cost!r} is unknown; choose one of {REWARD_COSTS}.")
+            check(self.reward_mode in ("trade_off", "amc"), f"reward_cost = {self.reward_cost!r} only weighs the trade_off and "
+                                                            f"amc rewards; set reward_mode to one of them or leave reward_cost unset.")
+        check(self.latency_runtime in RUNTIMES, f"latency_runtime = {self.latency_runtime!r} is unknown; choose one of {RUNTIMES}.")
+        check(self.latency_batch_size >= 1, f"latency_batch_size = {self.latency_batch_size} must be >= 1.")
+        check(self.latency_device == "cpu" or self.latency_device.startswith("cuda"),
+              f"latency_device = {self.latency_device!r} is unknown; use 'cpu' or 'cuda' (or 'cuda:N').")
+        check(self.latency_device == "cpu" or self.latency_runtime == "torch",
+              f"latency_device = {self.latency_device!r} needs latency_runtime='torch'; onnxruntime measures on the CPU.")
+        check(self.latency_threads is None or self.latency_threads >= 1, f"latency_threads = {self.latency_threads} must be >= 1 (or unset).")
+        if self.width_multiple is None:  # hardware-friendly widths by default where speed is what the budget limits
+            self.width_multiple = 8 if self.budget_kind == "latency" else 1
         check(self.method in METHODS, f"method = {self.method!r} is unknown; choose one of {METHODS}.")
         check(self.importance in IMPORTANCE_CRITERIA, f"importance = {self.importance!r} is unknown; choose one of {IMPORTANCE_CRITERIA}.")
         check(self.num_rounds >= 1, f"num_rounds = {self.num_rounds} must be >= 1.")
@@ -72,8 +122,31 @@ class RLPruneConfig:
         check(self.ppo_episodes_per_update >= 1, f"ppo_episodes_per_update = {self.ppo_episodes_per_update} must be >= 1.")
         check(self.ppo_learning_rate > 0, f"ppo_learning_rate = {self.ppo_learning_rate} must be > 0.")
 
+    @property
+    def uses_latency(self) -> bool:
+        """Whether a latency table is needed: a latency budget or a latency reward."""
+        return self.budget_kind == "latency" or self.reward_cost == "latency"
+
+    def resolve_target_latency(self, dense_latency_ms: float) -> float:
+        """Turn target_latency_ms into `target`, the fraction of the dense latency (the latency table's estimate).
+
+        Call once the dense latency is known (the callback does, at train begin); a no-op without target_latency_ms.
+        """
+        if self.target_latency_ms is None:
+            return self.target
+        if self.target_latency_ms >= dense_latency_ms:
+            raise ValueError(
+                f"target_latency_ms = {self.target_latency_ms} is not below the dense model's estimated latency of "
+                f"{dense_latency_ms:.2f} ms ({self.latency_runtime}, {self.latency_device}, batch {self.latency_batch_size}): "
+                "nothing to prune. Lower target_latency_ms."
+            )
+        self.target = self.target_latency_ms / dense_latency_ms
+        return self.target
+
     def round_targets(self) -> list[float]:
         """Budget after each round: cubic from dense toward `target` (Zhu & Gupta's gradual schedule), ending on it."""
+        if self.target is None:
+            raise ValueError("target_latency_ms is not resolved yet; call resolve_target_latency(dense latency) first.")
         rounds = self.num_rounds
         return [self.target + (1.0 - self.target) * (1.0 - (r + 1) / rounds) ** 3 for r in range(rounds)]
 

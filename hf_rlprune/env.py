@@ -15,6 +15,7 @@ from .pruning import compute_macs, count_parameters, get_prunable_groups
 
 BUDGET_KINDS = ("macs", "params", "latency")
 REWARD_MODES = ("budget_accuracy", "trade_off", "amc")
+REWARD_COSTS = BUDGET_KINDS  # the cost the trade_off and amc rewards weigh accuracy against
 GROUP_KINDS = ("conv", "dense", "lstm", "embedding")
 OBSERVATION_FEATURES = (
     "index", *(f"is_{kind}" for kind in GROUP_KINDS), "in_width", "out_width", "kernel",
@@ -31,10 +32,13 @@ class PruningEnv(gym.Env):
         target: the budget, a fraction of the dense model's cost in (0, 1].
         budget_kind: what the budget limits: "macs" (default), "params" or "latency" (needs `latency_fn`).
         reward_mode: "budget_accuracy" (accuracy under the budget; the default), "trade_off" (the plan's
-            accuracy / cost, cost relative to dense) or "amc" (AMC's -error * log(FLOPs)).
+            accuracy / cost, cost relative to dense) or "amc" (AMC's -error * log(cost)).
+        reward_cost: the cost in the trade_off and amc rewards: "macs", "params" or "latency" (needs `latency_fn`;
+            trade_off then is the plan's accuracy / inference time). Default: the budget's kind for trade_off,
+            "macs" for amc (log of FLOPs, as in AMC). amc takes the log of FLOPs, parameters or microseconds.
         min_keep: the smallest keep ratio an action may choose.
         max_keep: per-group caps (list, group order), e.g. what earlier pruning rounds left alive.
-        latency_fn: `widths -> milliseconds`, required for budget_kind="latency" or latency rewards.
+        latency_fn: `widths -> milliseconds`, required for budget_kind="latency" or reward_cost="latency".
         fill_budget: scale the episode's allocation up, keeping its proportions, until the budget is used, so the
             agent chooses how to spend the budget rather than whether to.
         width_multiple: snap kept widths down to a multiple of this (hardware-friendly), never below one multiple
@@ -51,6 +55,7 @@ class PruningEnv(gym.Env):
         target: float = 0.5,
         budget_kind: str = "macs",
         reward_mode: str = "budget_accuracy",
+        reward_cost: str | None = None,
         min_keep: float = 0.05,
         max_keep: list[float] | None = None,
         latency_fn: Callable[[dict[str, int]], float] | None = None,
@@ -70,6 +75,10 @@ class PruningEnv(gym.Env):
             raise ValueError(f"reward_mode = {reward_mode!r} is unknown; choose one of {REWARD_MODES}.")
         if budget_kind == "latency" and latency_fn is None:
             raise ValueError("budget_kind='latency' needs latency_fn (widths -> milliseconds), e.g. a LatencyTable.")
+        if reward_cost is not None and reward_cost not in REWARD_COSTS:
+            raise ValueError(f"reward_cost = {reward_cost!r} is unknown; choose one of {REWARD_COSTS} (or None).")
+        if reward_cost == "latency" and latency_fn is None:
+            raise ValueError("reward_cost='latency' needs latency_fn (widths -> milliseconds), e.g. a LatencyTable.")
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target = {target} must be a fraction of the dense cost in (0, 1].")
         if not 0.0 < min_keep <= 1.0:
@@ -79,6 +88,7 @@ class PruningEnv(gym.Env):
         self.budget_kind, self.reward_mode, self.target = budget_kind, reward_mode, float(target)
         self.min_keep, self.fill_budget, self.width_multiple = float(min_keep), fill_budget, int(width_multiple)
         self.latency_fn = latency_fn
+        self.reward_cost = reward_cost or (budget_kind if reward_mode == "trade_off" else "macs")
         self.dense_widths = [group.width for group in self.groups]
         if max_keep is None:
             max_keep = self._max_keep_from_masks(model_or_config)
@@ -105,11 +115,13 @@ class PruningEnv(gym.Env):
     def widths_dict(self, widths: list[int]) -> dict[str, int]:
         return {group.name: int(width) for group, width in zip(self.groups, widths)}
 
-    def cost(self, widths: list[int]) -> float:
+    def cost(self, widths: list[int], kind: str | None = None) -> float:
+        """Cost of an allocation (widths in group order): the budget's kind, or `kind`; latency in milliseconds."""
         named = self.widths_dict(widths)
-        if self.budget_kind == "macs":
+        kind = kind or self.budget_kind
+        if kind == "macs":
             return float(compute_macs(self.config, seq_len=self.seq_len, widths=named))
-        if self.budget_kind == "params":
+        if kind == "params":
             return float(count_parameters(self.config, widths=named))
         return float(self.latency_fn(named))
 
@@ -231,13 +243,15 @@ class PruningEnv(gym.Env):
         macs = compute_macs(self.config, seq_len=self.seq_len, widths=named)
         dense_macs = compute_macs(self.config, seq_len=self.seq_len)
         cost_ratio = self.cost(widths) / self.dense_cost
+        latency_ms = float(self.latency_fn(named)) if self.latency_fn is not None else None
         if self.reward_mode == "budget_accuracy":
             reward = accuracy
         elif self.reward_mode == "trade_off":
             # accuracy / cost, cost relative to dense: the plan's trade-off, scale-free
-            reward = accuracy / max(cost_ratio, 1e-9)
-        else:  # AMC: -error * log(FLOPs)
-            reward = -(1.0 - accuracy) * math.log(2.0 * macs)
+            reward = accuracy / max(self.cost(widths, self.reward_cost) / self.cost(self.dense_widths, self.reward_cost), 1e-9)
+        else:  # AMC: -error * log(cost); FLOPs as in AMC, latency in microseconds so the log stays positive
+            amc_cost = {"macs": 2.0 * macs, "params": count_parameters(self.config, widths=named), "latency": 1e3 * (latency_ms or 0.0)}
+            reward = -(1.0 - accuracy) * math.log(max(amc_cost[self.reward_cost], 1.0))
         return {
             "reward": float(reward),
             "accuracy": accuracy,
@@ -247,6 +261,7 @@ class PruningEnv(gym.Env):
             "macs_ratio": macs / dense_macs,
             "params": count_parameters(self.config, widths=named),
             "cost_ratio": cost_ratio,
+            "latency_ms": latency_ms,
             "budget": self.target,
         }
 

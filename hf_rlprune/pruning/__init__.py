@@ -11,7 +11,8 @@ from .groups import (
     group_widths,
 )
 from .importance import IMPORTANCE_CRITERIA, TaylorAccumulator, unit_scores
-from .latency import LatencyResult, example_inputs, export_onnx, measure_latency
+from .latency import LatencyResult, example_inputs, export_module_onnx, export_onnx, measure_latency, time_forward
+from .latency_table import LatencyTable
 from .masks import (
     apply_masks,
     enforce_masks,
@@ -26,6 +27,7 @@ from .masks import (
 __all__ = [
     "IMPORTANCE_CRITERIA",
     "LatencyResult",
+    "LatencyTable",
     "PrunableGroup",
     "TaylorAccumulator",
     "TensorSlice",
@@ -38,6 +40,7 @@ __all__ = [
     "count_parameters",
     "enforce_masks",
     "example_inputs",
+    "export_module_onnx",
     "export_onnx",
     "get_masks",
     "get_prunable_groups",
@@ -47,6 +50,7 @@ __all__ = [
     "measure_latency",
     "pruning_ratios",
     "remove_masks",
+    "time_forward",
     "trade_off_score",
     "unit_scores",
     "validate_masks",

@@ -62,18 +62,21 @@ class _LogitsOnly(nn.Module):
 def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, seq_len: int | None = None) -> Path:
     """Export a (compacted) model to ONNX with a dynamic batch axis; returns the file path."""
     check_supported(model)
-    path = Path(path)
     inputs = example_inputs(model, batch_size, seq_len)
+    return export_module_onnx(_LogitsOnly(model.eval().cpu(), list(inputs)), inputs, path, output_name="logits")
+
+
+def export_module_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], path: str | os.PathLike, output_name: str = "output") -> Path:
+    """Export any module taking `inputs` positionally (in dict order) and returning one tensor; dynamic batch axis."""
+    path = Path(path)
     names = list(inputs)
-    wrapper = _LogitsOnly(model.eval().cpu(), names)
-    dynamic = {name: {0: "batch"} for name in names}
     torch.onnx.export(
-        wrapper,
-        tuple(inputs.values()),
+        module.eval().cpu(),
+        tuple(value.cpu() for value in inputs.values()),
         str(path),
         input_names=names,
-        output_names=["logits"],
-        dynamic_axes=dynamic,
+        output_names=[output_name],
+        dynamic_axes={name: {0: "batch"} for name in names},
         dynamo=False,  # the TorchScript exporter handles nn.LSTM directly and needs no extra packages
     )
     return path
@@ -94,6 +97,52 @@ def _timed(fn, warmup: int, repeats: int, synchronize=None) -> list[float]:
     return times
 
 
+def time_forward(
+    module: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    runtime: str = "torch",
+    device: str = "cpu",
+    warmup: int = 5,
+    repeats: int = 20,
+    threads: int | None = None,
+) -> list[float]:
+    """Sorted wall times (ms) of `repeats` forward passes of any module on `inputs` (passed positionally, in order).
+
+    The module must return one tensor (ONNX export). ONNX Runtime runs on CPU with `threads` intra-op threads.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose one of {RUNTIMES}.")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats = {repeats} must be >= 1 and warmup = {warmup} >= 0.")
+    threads = threads or torch.get_num_threads()
+    if runtime == "torch":
+        module = module.eval().to(device)
+        tensors = tuple(value.to(device) for value in inputs.values())
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+        try:
+            with torch.inference_mode():
+                times = _timed(lambda: module(*tensors), warmup, repeats, sync)
+        finally:
+            torch.set_num_threads(previous_threads)
+    else:
+        import onnxruntime as ort
+
+        if not str(device).startswith("cpu"):
+            raise ValueError(f"runtime='onnxruntime' runs on the CPU here; got device={device!r}. Use device='cpu' or runtime='torch'.")
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_module_onnx(module, {name: value[:1] for name, value in inputs.items()}, Path(tmp) / "model.onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feeds = {name: value.cpu().numpy() for name, value in inputs.items()}
+        times = _timed(lambda: session.run(None, feeds), warmup, repeats)
+    return sorted(times)
+
+
 def measure_latency(
     model: nn.Module,
     batch_size: int = 1,
@@ -111,35 +160,13 @@ def measure_latency(
     if batch_size < 1 or repeats < 1:
         raise ValueError("batch_size and repeats must be >= 1.")
     threads = threads or torch.get_num_threads()
-    if runtime == "torch":
-        model = model.eval().to(device)
-        inputs = example_inputs(model, batch_size, seq_len, device=device)
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-        try:
-            with torch.inference_mode():
-                times = _timed(lambda: model(**inputs), warmup, repeats, sync)
-        finally:
-            torch.set_num_threads(previous_threads)
-        device_name = torch.cuda.get_device_name(device) if sync else "cpu"
-    else:
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", batch_size=1, seq_len=seq_len)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        feeds = {name: value.cpu().numpy() for name, value in example_inputs(model, batch_size, seq_len).items()}
-        times = _timed(lambda: session.run(None, feeds), warmup, repeats)
-        device_name = "cpu"
-    times.sort()
+    inputs = example_inputs(model, batch_size, seq_len)
+    wrapper = _LogitsOnly(model.eval(), list(inputs))
+    times = time_forward(wrapper, inputs, runtime, device, warmup, repeats, threads)
+    on_cuda = runtime == "torch" and str(device).startswith("cuda")
     return LatencyResult(
         runtime=runtime,
-        device=device_name,
+        device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
         batch_size=batch_size,
         median_ms=statistics.median(times),
         p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
