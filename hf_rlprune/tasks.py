@@ -164,9 +164,9 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
     trainer = Trainer(model=model, args=args, train_dataset=task_data.train, data_collator=task_data.train_collator,
                       optimizers=(optimizer, inverse_time_decay(optimizer, lr_decay)))
     trainer.train()
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
-    task_data.processing_class.save_pretrained(output_dir)
+    trainer.save_model(output_dir)  # main process only under DDP; the processing class goes beside the weights
+    if trainer.is_world_process_zero():
+        task_data.processing_class.save_pretrained(output_dir)
     return model
 
 
