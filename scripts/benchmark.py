@@ -76,7 +76,8 @@ class BenchmarkArguments:
     latency_runs: int = field(default=1, metadata={"help": "Measure latency for this many seeds per (budget, method)."})
     cpu_small: bool = field(default=False, metadata={"help": "CPU-sized run: 4000 examples, 2 epochs, 1 seed, small search."})
     report_only: list[str] | None = field(
-        default=None, metadata={"help": "Rebuild table, plot and cards from these results JSON files (runs of one dense model merged)."}
+        default=None, metadata={"help": "Rebuild table, plot and cards from these results JSON files (runs of one dense model merged; a later "
+                                         "file's run of the same budget, method and seed replaces an earlier one)."}
     )
 
 
@@ -280,7 +281,9 @@ def merge_results(paths: list[str]) -> dict:
             continue
         if abs(results["dense"]["accuracy"] - merged["dense"]["accuracy"]) > 1e-9 or results["name"] != merged["name"]:
             raise ValueError(f"{path} holds runs of another dense model ({results['name']}, accuracy {results['dense']['accuracy']}).")
-        merged["runs"].extend(results["runs"])
+        # a later file's run of the same (budget, method, seed) replaces the earlier one
+        replaced = {(r["budget"], r["method"], r["seed"]) for r in results["runs"]}
+        merged["runs"] = [r for r in merged["runs"] if (r["budget"], r["method"], r["seed"]) not in replaced] + results["runs"]
         merged["command"] += " && " + results["command"]
     return merged
 
