@@ -126,10 +126,28 @@ class RLPruneCallback(TrainerCallback):
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
         if state.global_step > 0:
-            self._resume(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model, optimizer)
+            self._resume(self._checkpoint_to_resume(args, state), model, optimizer)
         if cfg.uses_latency:
             self._build_latency_table(state)
+        else:  # an impossible budget is an error now, not after warm-up training
+            try:
+                self._make_env(model, cfg.target)
+            except ValueError as error:
+                raise ValueError(f"RLPruneConfig(target={cfg.target}, budget_kind={cfg.budget_kind!r}) cannot be met: {error}") from error
         self._handler = self._find_handler()
+
+    def _checkpoint_to_resume(self, args, state) -> str:
+        """The checkpoint the Trainer resumed from: TrainingArguments.resume_from_checkpoint when set, else the
+        step's checkpoint under output_dir (TrainerCallback is not told the path given to `trainer.train`)."""
+        candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
+        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        for candidate in candidates:
+            if os.path.isfile(os.path.join(candidate, STATE_FILE)):
+                return candidate
+        raise FileNotFoundError(
+            f"Resuming at step {state.global_step}, but none of {candidates} holds {STATE_FILE} (the pruning masks and "
+            "agent). Pass the checkpoint as TrainingArguments(resume_from_checkpoint=...) or keep it under output_dir."
+        )
 
     def _build_latency_table(self, state) -> None:
         """Measure (or load from cache) the dense model's latency table on the main process, which alone searches;
@@ -228,6 +246,8 @@ class RLPruneCallback(TrainerCallback):
             env, policy, episodes, seed=cfg.prune_seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
             desc=f"rlprune round {round_index + 1}/{cfg.num_rounds} ({cfg.method}, target {target:.3f})",
         )
+        if isinstance(policy, PPOAgent) and policy.episodes_in_buffer:
+            policy.update()  # learn from this round's leftover episodes: the next round has another budget and weights
         widths = result.best_info["widths"]
         masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.prune_seed)
         return {
@@ -276,7 +296,7 @@ class RLPruneCallback(TrainerCallback):
             "search_seconds": decision["search_seconds"],
             "widths": widths,
             "keep_ratios": {g.name: widths[g.name] / g.width for g in get_prunable_groups(self.dense_config)},
-            "masks_sha1": masks_digest(masks),
+            "masks_sha1": masks_digest(get_masks(model)),  # what this rank applied, so ranks can be compared
         }
         self.history.append(record)
         self._log(args, state, control, record)

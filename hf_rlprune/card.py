@@ -199,6 +199,7 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
     save_dir = Path(save_dir)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = save_dir.parent / f".{save_dir.name}.tmp-{os.getpid()}"
+    old = save_dir.parent / f".{save_dir.name}.old-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     try:
@@ -210,13 +211,14 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
         card = render_model_card(report, repo_id=repo_id or f"your-org/{save_dir.name}", reproduce_command=reproduce_command,
                                  dataset_name=dataset_name, plot_file=PLOT_FILE if has_plot else None)
         card.save(staging / "README.md")
-        old = save_dir.parent / f".{save_dir.name}.old-{os.getpid()}"
         if save_dir.exists():
             os.replace(save_dir, old)
         os.replace(staging, save_dir)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:
+        if not save_dir.exists() and old.exists():  # the swap failed half-way: put the previous folder back
+            os.replace(old, save_dir)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return save_dir

@@ -218,13 +218,13 @@ class DeviceBatchCollator:
         }
 
 
-def task_tensors(dataset, device) -> dict[str, torch.Tensor]:
+def task_tensors(dataset, device, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """A prepared split (CachedImageDataset or tokenized Dataset) as tensors on `device`."""
     from .data import tokenized_to_tensors
 
     if isinstance(dataset, CachedImageDataset):
         return {"images": dataset.images.to(device), "labels": dataset.labels.to(device)}
-    tensors = tokenized_to_tensors(dataset.with_format(None), pad_token_id=0, label_column="labels")
+    tensors = tokenized_to_tensors(dataset.with_format(None), pad_token_id=pad_token_id, label_column="labels")
     return {key: value.to(device) for key, value in tensors.items()}
 
 
@@ -256,6 +256,8 @@ def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=1e-3, lr_d
     scheduler = inverse_time_decay(optimizer, lr_decay)
     generator = torch.Generator(device=device).manual_seed(seed)
     total = tensors["labels"].shape[0]
+    if total < batch_size:
+        raise ValueError(f"{total} training rows are fewer than batch_size={batch_size}; lower the batch size.")
     best_accuracy, best_state, stale, history = -1.0, None, 0, []
     model.train()
     for epoch in range(int(epochs)):

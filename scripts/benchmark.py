@@ -309,7 +309,8 @@ def main(argv=None):
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     data = prepare_task(args.task, args.dataset_dir, reward_size=args.reward_size, seed=0,
                         max_train_samples=args.max_train_samples, max_length=args.max_length)
-    tensors = {split: task_tensors(getattr(data, split), device) for split in ("train", "reward", "test")}
+    pad_token_id = getattr(data.processing_class, "pad_token_id", None) or 0
+    tensors = {split: task_tensors(getattr(data, split), device, pad_token_id) for split in ("train", "reward", "test")}
     name = args.task if args.task == "imdb" or args.model_preset == "reference" else f"{args.task}-{args.model_preset}"
     start = time.perf_counter()
     if args.dense_model_path:

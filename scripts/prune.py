@@ -62,7 +62,8 @@ class ScriptArguments:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ScriptArguments, RLPruneConfig, TrainingArguments))
+    # no abbreviated options: every option is spelled out, so secrets can be recognised and left out of the card
+    parser = HfArgumentParser((ScriptArguments, RLPruneConfig, TrainingArguments), allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
@@ -135,10 +136,9 @@ def reproduce_command(argv: list[str]) -> str:
         if skip_next:
             skip_next = False
             continue
-        if arg in SECRET_ARGUMENTS:
-            skip_next = True
-            continue
-        if any(arg.startswith(f"{name}=") for name in SECRET_ARGUMENTS):
+        name = arg.split("=", 1)[0]
+        if any(secret.startswith(name) and len(name) > len("--hub_") for secret in SECRET_ARGUMENTS):
+            skip_next = "=" not in arg  # the value is the next argument unless given as --opt=value
             continue
         kept.append(arg)
     return "python scripts/prune.py " + " ".join(shlex.quote(a) for a in kept)
@@ -153,6 +153,7 @@ def main(argv=None):
     validate(script, prune, training)
     push, hub_model_id, hub_token = training.push_to_hub, training.hub_model_id, training.hub_token
     training.push_to_hub = False  # we push the pruned folder ourselves; the Trainer would push the dense checkpoints
+    training.hub_token = None  # keeps the token out of the checkpoints' training_args.bin
     set_seed(training.seed)
 
     tokenizer = load_tokenizer_if_any(script.model_name_or_path) if script.task == "imdb" else None

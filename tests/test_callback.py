@@ -36,7 +36,7 @@ def train(output_dir, config=None, extra_callbacks=(), resume=None, **training_o
     model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
     train_set, reward_set = tiny_data()
     values = dict(max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[], save_strategy="no",
-                  logging_steps=5, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+                  logging_steps=5, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, resume_from_checkpoint=resume)
     args = TrainingArguments(str(output_dir), **{**values, **training_overrides})
     callback = RLPruneCallback(config or prune_config(), reward_dataset=reward_set)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=reward_set,
@@ -104,11 +104,8 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
     _, uninterrupted = train(tmp_path / "full", save_strategy="steps", save_steps=8)
     checkpoint = tmp_path / "full" / "checkpoint-8"
     assert (checkpoint / STATE_FILE).exists() and (checkpoint / "rlprune_agent.safetensors").exists()
-    # a second run resumes from step 8: after round 1 (step 4), before round 2 (step 12)
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    os.system(f"cp -r {checkpoint} {resumed_dir}/")
-    _, resumed = train(resumed_dir, resume=str(resumed_dir / "checkpoint-8"), save_strategy="steps", save_steps=8)
+    # a second run, writing elsewhere, resumes from step 8: after round 1 (step 4), before round 2 (step 12)
+    _, resumed = train(tmp_path / "resumed", resume=str(checkpoint), save_strategy="steps", save_steps=8)
     assert [h["masks_sha1"] for h in resumed.history] == [h["masks_sha1"] for h in uninterrupted.history]
     assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
 
@@ -120,6 +117,20 @@ def test_gradient_accumulation_mixed_precision_eval_and_best_model(tmp_path):
     )
     assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
     assert any("eval_accuracy" in entry for entry in trainer.state.log_history)
+
+
+def test_impossible_budget_fails_before_training(tmp_path):
+    recorder = LogRecorder()
+    with pytest.raises(ValueError, match=r"RLPruneConfig\(target=0.001.*cannot be met"):
+        train(tmp_path, prune_config(target=0.001, min_keep=0.5), extra_callbacks=[recorder])
+    assert not recorder.logs  # not one training step was logged
+
+
+def test_resume_without_pruning_state_names_the_paths(tmp_path):
+    trainer, _ = train(tmp_path / "plain", save_strategy="steps", save_steps=8)
+    (tmp_path / "plain" / "checkpoint-8" / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
+        train(tmp_path / "other", resume=str(tmp_path / "plain" / "checkpoint-8"))
 
 
 def test_bad_input(tmp_path):

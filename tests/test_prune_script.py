@@ -111,6 +111,16 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
     assert not (tmp_path / "dense").exists()
 
 
+def test_reproduce_command_never_holds_the_token():
+    prune = load_prune_script()
+    for argv in (["--hub_token", "hf_SECRET", "--task", "imdb"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"]):
+        command = prune.reproduce_command(argv)
+        assert "hf_SECRET" not in command and command.startswith("python scripts/prune.py")
+    assert "--task imdb" in prune.reproduce_command(["--hub_token", "hf_SECRET", "--task", "imdb"])
+    with pytest.raises(ValueError, match="not used"):  # abbreviated options are refused: no spelling of the token slips through
+        prune.parse_args(["--hub_tok", "hf_SECRET", "--output_dir", "x"])
+
+
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20)).save_pretrained(tmp_path / "lstm")
     prune = load_prune_script()
