@@ -243,6 +243,27 @@ def plot(results: dict, summary: dict, path: str) -> bool:
     return True
 
 
+def portable_command(command: str, task: str) -> str:
+    """The recorded command with machine paths replaced: data from ../shared/data, where the output goes left out."""
+    words, kept, index = command.split(), [], 0
+    while index < len(words):
+        word = words[index]
+        if word in ("--output_dir", "--cards_dir", "--save_dense_to"):
+            index += 2
+            continue
+        if word == "--dataset_dir":
+            kept += [word, f"../shared/data/{task}"]
+            index += 2
+            continue
+        if word == "--dense_model_path":
+            kept += [word, f"outputs/dense-{task}"]
+            index += 2
+            continue
+        kept.append(word)
+        index += 1
+    return " ".join(kept)
+
+
 def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
     summary = summarize(results)
     results["summary"] = summary
@@ -261,7 +282,7 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
         runs = [r for r in results["runs"] if r["budget"] == budget]
         best = max(runs, key=lambda r: r["test_accuracy"])
         name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
-        command = best.get("command", results["command"])
+        command = " && ".join(portable_command(part, results["task"]) for part in best.get("command", results["command"]).split(" && "))
         report = dict(best["report"], command=command)
         card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"])
         card.save(os.path.join(args.cards_dir, f"{name}.md"))

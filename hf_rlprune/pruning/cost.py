@@ -10,7 +10,7 @@ the card and the benchmarks all call these functions.
 from torch import nn
 
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
-from .groups import get_prunable_groups, group_widths
+from .groups import group_widths, width_fields
 from .masks import masked_widths
 
 
@@ -24,23 +24,7 @@ def _layer_widths(model_or_config, widths) -> tuple:
         widths = masked_widths(model_or_config) if widths is None else widths
     else:
         config = model_or_config
-    fields = {
-        name: (list(getattr(config, name)) if isinstance(getattr(config, name), list) else getattr(config, name))
-        for name in ("conv_channels", "hidden_sizes", "lstm_hidden_sizes", "embedding_dim")
-        if hasattr(config, name)
-    }
-    if widths:
-        groups = {group.name: group for group in get_prunable_groups(config)}
-        for name, width in widths.items():
-            if name not in groups:
-                raise KeyError(f"Unknown prunable group {name!r}; this model's groups are {list(groups)}.")
-            group = groups[name]
-            if not 1 <= int(width) <= group.width:
-                raise ValueError(f"Width {width} for group {name!r} must be in [1, {group.width}].")
-            if group.config_index is None:
-                fields[group.config_field] = int(width)
-            else:
-                fields[group.config_field][group.config_index] = int(width)
+    fields = width_fields(config, widths)
     return config, fields
 
 

@@ -153,22 +153,36 @@ def group_widths(model_or_config) -> dict[str, int]:
     return {group.name: group.width for group in get_prunable_groups(model_or_config)}
 
 
-def config_with_widths(config, widths: dict[str, int]):
-    """A copy of `config` whose per-layer widths are `widths` (group name -> kept units)."""
+WIDTH_FIELDS = ("conv_channels", "hidden_sizes", "lstm_hidden_sizes", "embedding_dim")
+
+
+def width_fields(config, widths: dict[str, int] | None) -> dict:
+    """The config's width fields (lists copied) with `widths` (group name -> kept units) substituted, checked."""
+    fields = {
+        name: list(getattr(config, name)) if isinstance(getattr(config, name), list) else getattr(config, name)
+        for name in WIDTH_FIELDS
+        if hasattr(config, name)
+    }
+    if not widths:
+        return fields
     groups = {group.name: group for group in get_prunable_groups(config)}
     unknown = sorted(set(widths) - set(groups))
     if unknown:
         raise KeyError(f"Unknown prunable group(s) {unknown}; this model's groups are {list(groups)}.")
-    values = config.to_dict()
     for name, width in widths.items():
         group = groups[name]
         if not 1 <= int(width) <= group.width:
             raise ValueError(f"Width {width} for group {name!r} must be in [1, {group.width}].")
         if group.config_index is None:
-            values[group.config_field] = int(width)
+            fields[group.config_field] = int(width)
         else:
-            values[group.config_field] = list(values[group.config_field])
-            values[group.config_field][group.config_index] = int(width)
+            fields[group.config_field][group.config_index] = int(width)
+    return fields
+
+
+def config_with_widths(config, widths: dict[str, int]):
+    """A copy of `config` whose per-layer widths are `widths` (group name -> kept units)."""
+    values = {**config.to_dict(), **width_fields(config, widths)}
     for key in ("auto_map", "transformers_version"):
         values.pop(key, None)
     return type(config).from_dict(values)
