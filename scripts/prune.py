@@ -136,7 +136,7 @@ def reproduce_command(argv: list[str]) -> str:
         if skip_next:
             skip_next = False
             continue
-        name = arg.split("=", 1)[0]
+        name = "--" + arg.split("=", 1)[0][2:].replace("-", "_") if arg.startswith("--") else arg  # --hub-token too
         if any(secret.startswith(name) and len(name) > len("--hub_") for secret in SECRET_ARGUMENTS):
             skip_next = "=" not in arg  # the value is the next argument unless given as --opt=value
             continue

@@ -113,7 +113,7 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
 
 def test_reproduce_command_never_holds_the_token():
     prune = load_prune_script()
-    for argv in (["--hub_token", "hf_SECRET", "--task", "imdb"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"]):
+    for argv in (["--hub_token", "hf_SECRET", "--task", "imdb"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"], ["--hub-token", "hf_SECRET"]):
         command = prune.reproduce_command(argv)
         assert "hf_SECRET" not in command and command.startswith("python scripts/prune.py")
     assert "--task imdb" in prune.reproduce_command(["--hub_token", "hf_SECRET", "--task", "imdb"])
