@@ -7,6 +7,7 @@ model) and saved with its report and model card. Rank 0 decides; the decision is
 """
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -336,7 +337,13 @@ class RLPruneCallback(TrainerCallback):
             if hasattr(model, attr):
                 delattr(model, attr)
         self.pruned_model = model
-        reward_batches = [move_to_device(b, model.device) for b in self._evaluator.reward_batches_cpu] if self._evaluator else []
+        evaluator = self._evaluator
+        if evaluator is None:
+            reward_batches = []
+        elif evaluator._device == model.device:  # already on the device since the first round
+            reward_batches = evaluator.reward_batches
+        else:
+            reward_batches = [move_to_device(b, model.device) for b in evaluator.reward_batches_cpu]
         from .card import build_report
 
         self.report = build_report(
@@ -426,8 +433,6 @@ class RLPruneCallback(TrainerCallback):
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:
     """A short hash of a set of masks, logged per round so ranks (and runs) can be compared."""
-    import hashlib
-
     digest = hashlib.sha1()
     for name in sorted(masks):
         digest.update(name.encode())

@@ -8,7 +8,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .models import RLPruneCNNConfig
-from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, trade_off_score
+from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, pruning_ratios, trade_off_score
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 REPORT_FILE = "pruning_report.json"
@@ -18,7 +18,6 @@ PLOT_FILE = "accuracy_vs_macs.png"
 def build_report(dense_config, pruned_model, config, history, reward_accuracy_after=None, search_seconds=0.0,
                  reward_evaluations=0, masks=None) -> dict:
     """Everything known about a pruning run, as plain JSON-able values."""
-    dense_widths = group_widths(dense_config)
     pruned_widths = group_widths(pruned_model.config)
     macs_before, macs_after = compute_macs(dense_config), compute_macs(pruned_model.config)
     params_before, params_after = count_parameters(dense_config), count_parameters(pruned_model.config)
@@ -40,11 +39,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "macs": {"dense": macs_before, "pruned": macs_after},
         "flops": {"dense": 2 * macs_before, "pruned": 2 * macs_after},
         "params": {"dense": params_before, "pruned": params_after},
-        "pruning_ratio": {
-            "units_removed": 1 - sum(pruned_widths.values()) / sum(dense_widths.values()),
-            "macs_removed": 1 - macs_after / macs_before,
-            "params_removed": 1 - params_after / params_before,
-        },
+        "pruning_ratio": pruning_ratios(dense_config, pruned_widths),
         "accuracy": {"split": "reward", "dense": None, "pruned": reward_accuracy_after},
         "rounds": history,
         "search": {"reward_evaluations": reward_evaluations, "search_seconds": search_seconds},

@@ -97,6 +97,7 @@ class PruningEnv(gym.Env):
         self.max_widths = [max(1, min(w, int(round(r * w)))) for r, w in zip(max_keep, self.dense_widths)]
         self.min_widths = [min(self._snap(max(1, math.ceil(min_keep * w)), i, up=True), self.max_widths[i]) for i, w in enumerate(self.dense_widths)]
         self.dense_cost = self.cost(self.dense_widths)
+        self.dense_macs = compute_macs(self.config, seq_len=seq_len)
         self.budget = self.target * self.dense_cost
         smallest = self.cost(self.min_widths)
         if smallest > self.budget * (1 + 1e-9):
@@ -142,8 +143,7 @@ class PruningEnv(gym.Env):
 
     def _group_shares(self):
         """Each group's share of the dense MACs and params: the cost removed when it alone drops to one unit."""
-        dense_macs = compute_macs(self.config, seq_len=self.seq_len)
-        dense_params = count_parameters(self.config)
+        dense_macs, dense_params = self.dense_macs, count_parameters(self.config)
         macs, params = [], []
         for idx in range(len(self.groups)):
             widths = list(self.dense_widths)
@@ -180,7 +180,7 @@ class PruningEnv(gym.Env):
         max_width = max(self.dense_widths)
         chosen = self._widths + self.dense_widths[idx:]
         cost_removed = 1 - self.cost(chosen) / self.dense_cost
-        cost_ahead = self.cost(self.dense_widths) - self.cost(self._widths + self.min_widths[idx:]) if idx < n else 0.0
+        cost_ahead = self.dense_cost - self.cost(self._widths + self.min_widths[idx:]) if idx < n else 0.0
         in_width = self.dense_widths[idx - 1] if idx > 0 else getattr(self.config, "num_channels", 1)
         kernel = getattr(self.config, "kernel_size", 1) if group.kind == "conv" else 1
         features = [
@@ -241,7 +241,6 @@ class PruningEnv(gym.Env):
         named = self.widths_dict(widths)
         accuracy = float(self.evaluate_fn(named))
         macs = compute_macs(self.config, seq_len=self.seq_len, widths=named)
-        dense_macs = compute_macs(self.config, seq_len=self.seq_len)
         cost_ratio = self.cost(widths) / self.dense_cost
         latency_ms = float(self.latency_fn(named)) if self.latency_fn is not None else None
         if self.reward_mode == "budget_accuracy":
@@ -258,7 +257,7 @@ class PruningEnv(gym.Env):
             "widths": named,
             "keep_ratios": [w / d for w, d in zip(widths, self.dense_widths)],
             "macs": macs,
-            "macs_ratio": macs / dense_macs,
+            "macs_ratio": macs / self.dense_macs,
             "params": count_parameters(self.config, widths=named),
             "cost_ratio": cost_ratio,
             "latency_ms": latency_ms,

@@ -2,7 +2,6 @@
 reference models, pre-training with the plan's recipe, and test accuracy.
 """
 
-import os
 from dataclasses import dataclass
 
 import numpy as np

@@ -20,7 +20,6 @@ model cards of the best pruned model per budget to model_cards/.
 import copy
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -32,7 +31,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import render_model_card, update_trade_off
-from hf_rlprune.pruning import compute_macs, count_parameters, measure_latency
+from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
     DeviceBatchCollator,
     IndexDataset,
@@ -144,16 +143,8 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
 
 
 def latency_figures(dense, pruned, device) -> dict:
-    figures = {}
-    runs = [("onnxruntime", "cpu", 1), ("onnxruntime", "cpu", 128)]
-    if device.type == "cuda":
-        runs.append(("torch", "cuda", 128))
-    for runtime, where, batch in runs:
-        figures[f"{runtime}_{where}_batch{batch}"] = {
-            side: measure_latency(copy.deepcopy(m).float(), batch, runtime, device=where, repeats=20, warmup=5).median_ms
-            for side, m in (("dense", dense), ("pruned", pruned))
-        }
-    return figures
+    runs = [("onnxruntime", "cpu", 1), ("onnxruntime", "cpu", 128)] + ([("torch", "cuda", 128)] if device.type == "cuda" else [])
+    return compare_latency(dense, pruned, runs)
 
 
 def summarize(results: dict) -> dict:

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import PruningEnv, RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import save_pruned_model, update_trade_off
-from hf_rlprune.pruning import export_onnx, measure_latency
+from hf_rlprune.pruning import compare_latency, export_onnx
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
@@ -111,19 +111,10 @@ def check_budget(model, prune: RLPruneConfig):
                width_multiple=prune.width_multiple)
 
 
-def latency_figures(dense_config, pruned_model, seq_len=None) -> dict:
+def latency_figures(dense_config, pruned_model) -> dict:
     """CPU latency of dense and pruned (compacted) models: torch and ONNX Runtime, batch 1 and 128."""
-    dense = type(pruned_model)(dense_config).eval()
-    pruned = pruned_model.cpu().eval()
-    figures = {}
-    for runtime in ("onnxruntime", "torch"):
-        for batch in (1, 128):
-            key = f"{runtime}_cpu_batch{batch}"
-            figures[key] = {
-                side: measure_latency(m, batch, runtime, seq_len=seq_len, repeats=10, warmup=3).median_ms
-                for side, m in (("dense", dense), ("pruned", pruned))
-            }
-    return figures
+    runs = [(runtime, "cpu", batch) for runtime in ("onnxruntime", "torch") for batch in (1, 128)]
+    return compare_latency(type(pruned_model)(dense_config).eval(), pruned_model.cpu().eval(), runs, repeats=10, warmup=3)
 
 
 SECRET_ARGUMENTS = ("--hub_token",)

@@ -11,7 +11,7 @@ from .groups import (
     group_widths,
 )
 from .importance import IMPORTANCE_CRITERIA, TaylorAccumulator, unit_scores
-from .latency import LatencyResult, example_inputs, export_module_onnx, export_onnx, measure_latency, time_forward
+from .latency import compare_latency, LatencyResult, example_inputs, export_module_onnx, export_onnx, measure_latency, time_forward
 from .latency_table import LatencyTable
 from .masks import (
     apply_masks,
@@ -34,6 +34,7 @@ __all__ = [
     "apply_masks",
     "check_supported",
     "compact",
+    "compare_latency",
     "compute_flops",
     "compute_macs",
     "config_with_widths",

@@ -173,3 +173,18 @@ def measure_latency(
         repeats=repeats,
         threads=threads,
     )
+
+
+def compare_latency(dense: nn.Module, pruned: nn.Module, runs, repeats: int = 20, warmup: int = 5, seq_len: int | None = None) -> dict:
+    """Median latency of a dense and a pruned model side by side, for each (runtime, device, batch size) in `runs`:
+    {"<runtime>_<device>_batch<B>": {"dense": ms, "pruned": ms}}. Models are timed in float32 copies."""
+    import copy
+
+    figures = {}
+    for runtime, device, batch in runs:
+        figures[f"{runtime}_{device}_batch{batch}"] = {
+            side: measure_latency(copy.deepcopy(model).float(), batch, runtime, device=device, seq_len=seq_len,
+                                  repeats=repeats, warmup=warmup).median_ms
+            for side, model in (("dense", dense), ("pruned", pruned))
+        }
+    return figures
