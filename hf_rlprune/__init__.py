@@ -9,7 +9,7 @@ from .models import (
 
 from .callback import RLPruneCallback
 from .config import RLPruneConfig
-from .env import PruningEnv
+from .env import PruningEnv, PruningVectorEnv
 from .pruning import (
     LatencyTable,
     apply_masks,
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LatencyTable",
     "PruningEnv",
+    "PruningVectorEnv",
     "RLPruneCallback",
     "RLPruneConfig",
     "apply_masks",

@@ -23,7 +23,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy, run_search
 from .config import RLPruneConfig
-from .env import OBSERVATION_FEATURES, PruningEnv
+from .env import OBSERVATION_FEATURES, PruningEnv, PruningVectorEnv
 from .pruning import (
     TaylorAccumulator,
     apply_masks,
@@ -61,6 +61,19 @@ def _broadcast(payload):
 
 def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+def check_budget(model_or_config, cfg: RLPruneConfig, latency_table=None) -> None:
+    """A ValueError naming the fix when `cfg`'s budget cannot be met (a latency budget needs the dense model's
+    latency table, and target_latency_ms resolved to a fraction)."""
+    try:
+        PruningEnv(model_or_config, lambda widths: 0.0, target=cfg.target, budget_kind=cfg.budget_kind, min_keep=cfg.min_keep,
+                   latency_fn=latency_table, width_multiple=cfg.width_multiple)
+    except ValueError as error:
+        if cfg.target_latency_ms is not None:
+            raise ValueError(f"target_latency_ms = {cfg.target_latency_ms} is {cfg.target:.3f} x the dense model's "
+                             f"estimated {latency_table.dense_ms:.2f} ms. {error}") from error
+        raise ValueError(f"RLPruneConfig(target={cfg.target}, budget_kind={cfg.budget_kind!r}) cannot be met: {error}") from error
 
 
 class RLPruneCallback(TrainerCallback):
@@ -122,6 +135,7 @@ class RLPruneCallback(TrainerCallback):
             importance=cfg.importance,
             seed=cfg.prune_seed,
             autocast_dtype=autocast,
+            candidates_per_pass=cfg.candidates_per_pass,
         )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
@@ -131,10 +145,7 @@ class RLPruneCallback(TrainerCallback):
         if cfg.uses_latency:
             self._build_latency_table(state)
         else:  # an impossible budget is an error now, not after warm-up training
-            try:
-                self._make_env(model, cfg.target)
-            except ValueError as error:
-                raise ValueError(f"RLPruneConfig(target={cfg.target}, budget_kind={cfg.budget_kind!r}) cannot be met: {error}") from error
+            check_budget(model, cfg)
         self._handler = self._find_handler()
 
     def _checkpoint_to_resume(self, args, state) -> str:
@@ -166,14 +177,7 @@ class RLPruneCallback(TrainerCallback):
             dense_ms = self.latency_table.dense_ms
         cfg.resolve_target_latency(_broadcast(dense_ms))
         if state.is_world_process_zero:  # an impossible budget is an error now, not after the first rounds
-            try:
-                PruningEnv(self.dense_config, lambda widths: 0.0, target=cfg.target, budget_kind=cfg.budget_kind,
-                           min_keep=cfg.min_keep, latency_fn=self.latency_table, width_multiple=cfg.width_multiple)
-            except ValueError as error:
-                if cfg.target_latency_ms is None:
-                    raise
-                raise ValueError(f"target_latency_ms = {cfg.target_latency_ms} is {cfg.target:.3f} x the dense model's "
-                                 f"estimated {dense_ms:.2f} ms. {error}") from error
+            check_budget(self.dense_config, cfg, self.latency_table)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.taylor is not None:
@@ -243,8 +247,10 @@ class RLPruneCallback(TrainerCallback):
             policy, episodes = RandomSearchPolicy(cfg.min_keep, 1.0, seed=cfg.prune_seed * 1000 + round_index), cfg.search_episodes
         else:
             policy, episodes = UniformPolicy(env.uniform_keep_ratio()), 1
+        lockstep = min(cfg.candidates_per_pass, episodes)
+        envs = [env] + [self._make_env(model, target) for _ in range(lockstep - 1)]
         result = run_search(
-            env, policy, episodes, seed=cfg.prune_seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
+            PruningVectorEnv(envs, self._evaluator.evaluate_batch), policy, episodes, seed=cfg.prune_seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,
             desc=f"rlprune round {round_index + 1}/{cfg.num_rounds} ({cfg.method}, target {target:.3f})",
         )
         if isinstance(policy, PPOAgent) and policy.episodes_in_buffer:

@@ -56,6 +56,11 @@ class RLPruneConfig:
     )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
+    candidates_per_pass: int = field(
+        default=8,
+        metadata={"help": "Search episodes run in lockstep and evaluated together: their masked copies train and are measured "
+                          "in one vmapped pass (models without LSTMs). Memory grows with it; 1 evaluates one at a time."},
+    )
     min_keep: float = field(default=0.05, metadata={"help": "Smallest keep ratio any layer may get, in (0, 1]."})
     fill_budget: bool = field(default=True, metadata={"help": "Scale each allocation up to use the whole budget."})
     width_multiple: int | None = field(
@@ -117,6 +122,7 @@ class RLPruneConfig:
         check(self.recovery_steps >= 0, f"recovery_steps = {self.recovery_steps} must be >= 0.")
         check(self.recovery_lr > 0, f"recovery_lr = {self.recovery_lr} must be > 0.")
         check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
+        check(self.candidates_per_pass >= 1, f"candidates_per_pass = {self.candidates_per_pass} must be >= 1.")
         check(0.0 < self.min_keep <= 1.0, f"min_keep = {self.min_keep} must be in (0, 1].")
         check(self.width_multiple >= 1, f"width_multiple = {self.width_multiple} must be >= 1.")
         check(self.ppo_episodes_per_update >= 1, f"ppo_episodes_per_update = {self.ppo_episodes_per_update} must be >= 1.")

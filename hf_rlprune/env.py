@@ -200,6 +200,17 @@ class PruningEnv(gym.Env):
         return np.clip(np.asarray(features, dtype=np.float32), 0.0, 1.0)
 
     def step(self, action):
+        widths = self.advance(action)
+        if widths is None:
+            return self._observation(), 0.0, False, False, {"budget": self.target}
+        info = self.evaluate(widths)
+        return np.zeros(self.observation_space.shape, dtype=np.float32), info["reward"], True, False, info
+
+    def advance(self, action) -> list[int] | None:
+        """Apply one keep ratio behind the budget wall; at the last group, the episode's final widths (else None).
+
+        `step` without the reward evaluation, so that PruningVectorEnv can evaluate several episodes' allocations at once.
+        """
         if self._step_index >= len(self.groups):
             raise RuntimeError("The episode is over; call reset() before step().")
         idx = self._step_index
@@ -213,11 +224,8 @@ class PruningEnv(gym.Env):
         self._previous_action = ratio
         self._step_index += 1
         if self._step_index < len(self.groups):
-            return self._observation(), 0.0, False, False, {"budget": self.target}
-        widths = self._fill(self._widths) if self.fill_budget else list(self._widths)
-        info = self.evaluate(widths)
-        self._step_index = len(self.groups)
-        return np.zeros(self.observation_space.shape, dtype=np.float32), info["reward"], True, False, info
+            return None
+        return self._fill(self._widths) if self.fill_budget else list(self._widths)
 
     def _fill(self, widths: list[int]) -> list[int]:
         """Scale the allocation up (same proportions, capped per group) to the largest that fits the budget."""
@@ -238,8 +246,11 @@ class PruningEnv(gym.Env):
 
     def evaluate(self, widths: list[int]) -> dict:
         """Accuracy, cost and reward of one allocation (a list of widths in group order)."""
+        return self.score(widths, float(self.evaluate_fn(self.widths_dict(widths))))
+
+    def score(self, widths: list[int], accuracy: float) -> dict:
+        """Cost and reward of an allocation (widths in group order) whose accuracy is already measured."""
         named = self.widths_dict(widths)
-        accuracy = float(self.evaluate_fn(named))
         macs = compute_macs(self.config, seq_len=self.seq_len, widths=named)
         cost_ratio = self.cost(widths) / self.dense_cost
         latency_ms = float(self.latency_fn(named)) if self.latency_fn is not None else None
@@ -285,3 +296,65 @@ class PruningEnv(gym.Env):
     def _width_from_ratio(self, ratio: float, index: int) -> int:
         width = self._snap(max(1, int(round(ratio * self.dense_widths[index]))), index)
         return max(width, self.min_widths[index])
+
+
+class PruningVectorEnv(gym.vector.VectorEnv):
+    """Several PruningEnv episodes in lockstep, so that their allocations are evaluated in one batch.
+
+    Every episode has one step per prunable group, so all sub-environments finish on the same step; there the
+    final allocations go to `evaluate_batch_fn` together (e.g. RewardEvaluator.evaluate_batch, which trains and
+    measures them in one vmapped pass). No autoreset: call `reset` to start the next batch of episodes.
+    Infos follow gymnasium's vector convention (arrays over sub-environments, with `_key` masks).
+
+    Args:
+        envs: the sub-environments, alike (same model, budget and reward); they share nothing but their config.
+        evaluate_batch_fn: `list of widths dicts -> list of accuracies`, in order. Default: each env's evaluate_fn.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.DISABLED}
+
+    def __init__(self, envs: list[PruningEnv], evaluate_batch_fn: Callable[[list[dict[str, int]]], list[float]] | None = None):
+        if not envs:
+            raise ValueError("PruningVectorEnv needs at least one PruningEnv.")
+        if len({len(env.groups) for env in envs}) != 1:
+            raise ValueError("The sub-environments must walk the same prunable groups (one model, one budget).")
+        self.envs = list(envs)
+        self.num_envs = len(self.envs)
+        self.evaluate_batch_fn = evaluate_batch_fn or (lambda widths: [env.evaluate_fn(w) for env, w in zip(self.envs, widths)])
+        self.single_observation_space = envs[0].observation_space
+        self.single_action_space = envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+
+    def reset(self, *, seed=None, options=None):
+        seeds = [None] * self.num_envs if seed is None else [seed + index for index in range(self.num_envs)]
+        observations, infos = [], {}
+        for index, (env, env_seed) in enumerate(zip(self.envs, seeds)):
+            observation, info = env.reset(seed=env_seed, options=options)
+            observations.append(observation)
+            infos = self._add_info(infos, info, index)
+        return np.stack(observations), infos  # (K, obs_dim)
+
+    def step(self, actions):
+        actions = np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1)  # (K, 1)
+        final_widths = [env.advance(action) for env, action in zip(self.envs, actions)]
+        done = [widths is not None for widths in final_widths]
+        if any(done) and not all(done):
+            raise RuntimeError("The sub-environments fell out of lockstep; reset them together.")
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        infos = {}
+        if all(done):
+            accuracies = self.evaluate_batch_fn([env.widths_dict(widths) for env, widths in zip(self.envs, final_widths)])
+            if len(accuracies) != self.num_envs:
+                raise ValueError(f"evaluate_batch_fn returned {len(accuracies)} accuracies for {self.num_envs} allocations.")
+            for index, (env, widths, accuracy) in enumerate(zip(self.envs, final_widths, accuracies)):
+                info = env.score(widths, float(accuracy))
+                rewards[index] = info["reward"]
+                infos = self._add_info(infos, info, index)
+            observations = np.zeros((self.num_envs, *self.single_observation_space.shape), dtype=np.float32)
+        else:
+            observations = np.stack([env._observation() for env in self.envs])
+            for index, env in enumerate(self.envs):
+                infos = self._add_info(infos, {"budget": env.target}, index)
+        terminated = np.asarray(done, dtype=np.bool_)
+        return observations, rewards, terminated, np.zeros(self.num_envs, dtype=np.bool_), infos

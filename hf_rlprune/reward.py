@@ -4,6 +4,12 @@ Accuracy measured right after masking ranks allocations badly (a policy it picks
 both are fine-tuned), so each candidate is masked on a scratch copy of the live model, trained for
 `recovery_steps` on a fixed set of training batches, and only then measured. Every candidate in a round sees the
 same weights, the same recovery batches and the same reward batches, so rewards are comparable and deterministic.
+
+Candidates are evaluated several at a time: masked sub-networks share the dense shapes, so their weights stack
+along a new leading dimension and `torch.func.vmap` trains and measures all of them in one pass per batch (convs
+become grouped convs, linears batched matmuls). Adam is elementwise, so one Adam over the stacked weights is K
+independent recoveries. torch has no vmap rule for its fused recurrent kernels (`aten::lstm`), so models with
+LSTMs are evaluated one candidate at a time, on the same code path otherwise.
 """
 
 import contextlib
@@ -11,8 +17,17 @@ import math
 
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
-from .pruning import TaylorAccumulator, apply_masks, get_masks, masks_from_widths, remove_masks
+from .pruning import TaylorAccumulator, apply_masks, get_masks, mask_multipliers, masks_from_widths, remove_masks
+
+# Modules whose ops have no vmap batching rule: their candidates are evaluated one at a time.
+NOT_STACKABLE = (nn.RNNBase,)
+
+
+def supports_stacked_candidates(model: nn.Module) -> bool:
+    """Whether several masked copies of `model` can be trained and measured in one vmapped pass."""
+    return not any(isinstance(module, NOT_STACKABLE) for module in model.modules())
 
 
 def move_to_device(batch: dict, device) -> dict:
@@ -52,6 +67,8 @@ class RewardEvaluator:
         recovery_steps: optimizer steps of recovery per candidate (0 measures right after masking).
         recovery_lr: Adam learning rate of the recovery.
         importance: criterion that picks which units a width keeps.
+        candidates_per_pass: most candidates trained and measured together in one vmapped pass (memory grows with
+            it: K copies of the weights, Adam moments and activations); 1 evaluates them one at a time.
     """
 
     def __init__(
@@ -63,11 +80,15 @@ class RewardEvaluator:
         importance: str = "l1",
         seed: int = 0,
         autocast_dtype: torch.dtype | None = None,
+        candidates_per_pass: int = 8,
     ):
         if not reward_batches:
             raise ValueError("The reward split is empty: give at least one batch of held-out training examples.")
         if recovery_steps < 0:
             raise ValueError(f"recovery_steps = {recovery_steps} must be >= 0.")
+        if candidates_per_pass < 1:
+            raise ValueError(f"candidates_per_pass = {candidates_per_pass} must be >= 1.")
+        self.candidates_per_pass = int(candidates_per_pass)
         self.reward_batches_cpu = reward_batches
         self.recovery_batches_cpu = recovery_batches or []
         self.recovery_steps, self.recovery_lr = recovery_steps, recovery_lr
@@ -106,24 +127,98 @@ class RewardEvaluator:
         return scratch
 
     def __call__(self, widths: dict[str, int]) -> float:
+        return self.evaluate_batch([widths])[0]
+
+    def evaluate_batch(self, candidates: list[dict[str, int]]) -> list[float]:
+        """Reward-split accuracy of each candidate allocation after its recovery, `candidates_per_pass` at a time."""
+        if self._scratch is None:
+            raise RuntimeError("Call begin_round(model) before evaluating candidates.")
+        stacked = self.candidates_per_pass > 1 and supports_stacked_candidates(self._scratch)
+        chunk = self.candidates_per_pass if stacked else 1
+        accuracies = []
+        for start in range(0, len(candidates), chunk):
+            part = candidates[start : start + chunk]
+            devices = [self._device] if self._device.type == "cuda" else []
+            # Every candidate gets the same dropout stream: comparable rewards, and the same decisions after a resume.
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                accuracies += self._evaluate_stacked(part) if stacked else [self._evaluate_one(part[0])]
+            self.evaluations += len(part)
+        return accuracies
+
+    def _evaluate_one(self, widths: dict[str, int]) -> float:
         model = self.masked_copy(widths)
-        devices = [self._device] if self._device.type == "cuda" else []
-        # Every candidate gets the same dropout stream: comparable rewards, and the same decisions after a resume.
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            if self.recovery_steps:
-                self._recover(model)
-        self.evaluations += 1
+        if self.recovery_steps:
+            self._recover(model)
         return batched_accuracy(model, self.reward_batches, self.autocast_dtype)
+
+    def _recovery_schedule(self) -> list[dict]:
+        batches = self.recovery_batches
+        repeats = math.ceil(self.recovery_steps / len(batches))
+        return (batches * repeats)[: self.recovery_steps]
+
+    def _evaluate_stacked(self, candidates: list[dict[str, int]]) -> list[float]:
+        """Train and measure K masked copies at once: weights stacked to (K, ...), one vmapped forward per batch."""
+        base = self._scratch
+        remove_masks(base)
+        base.load_state_dict(self._snapshot)
+        if self._masks:
+            apply_masks(base, self._masks)  # nested ranking: units the round already pruned stay pruned
+        multipliers = [
+            mask_multipliers(base, masks_from_widths(base, widths, self.importance, taylor=self._taylor, seed=self.seed))
+            for widths in candidates
+        ]
+        names = {name for factors in multipliers for name in factors}
+        tensors = {**dict(base.named_parameters()), **dict(base.named_buffers())}
+        # (K, *broadcastable shape) per masked tensor; a tensor a candidate leaves whole gets ones
+        stacked_multipliers = {
+            name: torch.stack([factors.get(name, torch.ones((1,) * tensors[name].dim(), device=self._device)) for factors in multipliers])
+            for name in names
+        }
+        count = len(candidates)
+        params = {
+            name: (param.detach().unsqueeze(0).repeat(count, *[1] * param.dim())).requires_grad_()  # (K, *shape)
+            for name, param in base.named_parameters()
+        }
+        buffers = {}
+        for name, buffer in base.named_buffers():
+            stacked = buffer.detach().unsqueeze(0).repeat(count, *[1] * buffer.dim())  # (K, *shape)
+            buffers[name] = stacked * stacked_multipliers[name] if name in stacked_multipliers and buffer.is_floating_point() else stacked
+
+        def forward(params, buffers, factors, batch):
+            # Masked weights as weight * 0/1: their gradients are zero, so Adam never moves them.
+            effective = {name: value * factors[name] if name in factors else value for name, value in params.items()}
+            return functional_call(base, (effective, buffers), args=(), kwargs=batch)
+
+        param_factors = {name: factor for name, factor in stacked_multipliers.items() if name in params}
+        autocast = _autocast(base, self.autocast_dtype)
+        if self.recovery_steps:
+            base.train()
+            optimizer = torch.optim.Adam(list(params.values()), lr=self.recovery_lr)
+            losses = vmap(lambda p, b, f, batch: forward(p, b, f, batch).loss, in_dims=(0, 0, 0, None), randomness="same")
+            for batch in self._recovery_schedule():
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = losses(params, buffers, param_factors, batch).sum()  # (K,) -> (): gradients stay per candidate
+                loss.backward()
+                optimizer.step()
+
+        base.eval()
+        logits_of = vmap(lambda p, b, f, inputs: forward(p, b, f, inputs).logits, in_dims=(0, 0, 0, None), randomness="same")
+        correct, total = torch.zeros(count, dtype=torch.long, device=self._device), 0
+        with torch.no_grad(), autocast:
+            for batch in self.reward_batches:
+                inputs = {key: value for key, value in batch.items() if key != "labels"}
+                predictions = logits_of(params, buffers, param_factors, inputs).argmax(dim=-1)  # (K, B)
+                correct += (predictions == batch["labels"].view(1, -1)).sum(dim=1)
+                total += batch["labels"].numel()
+        return [float(value) / max(total, 1) for value in correct.cpu()]
 
     def _recover(self, model: nn.Module) -> None:
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=self.recovery_lr)
-        batches = self.recovery_batches
-        repeats = math.ceil(self.recovery_steps / len(batches))
-        schedule = (batches * repeats)[: self.recovery_steps]
         autocast = _autocast(model, self.autocast_dtype)
-        for batch in schedule:
+        for batch in self._recovery_schedule():
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 loss = model(**batch).loss

@@ -15,14 +15,16 @@ import logging
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_rlprune import PruningEnv, RLPruneCallback, RLPruneConfig
+from hf_rlprune import RLPruneCallback, RLPruneConfig
+from hf_rlprune.callback import check_budget as check_config_budget
 from hf_rlprune.card import save_pruned_model, update_trade_off
 from hf_rlprune.pruning import compare_latency, export_onnx
+from hf_rlprune.pruning.latency_table import LatencyTable, default_cache_dir
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
@@ -103,12 +105,18 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
         raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
 
 
-def check_budget(model, prune: RLPruneConfig):
-    """An impossible budget is an error now, not after pre-training."""
-    if prune.budget_kind == "latency":
-        return
-    PruningEnv(model, lambda widths: 0.0, target=prune.target, budget_kind=prune.budget_kind, min_keep=prune.min_keep,
-               width_multiple=prune.width_multiple)
+def check_budget(model, prune: RLPruneConfig, training: TrainingArguments):
+    """An impossible budget is an error now, not after pre-training. Latency needs the dense model's latency table:
+    measured and cached here as the callback would (the main process first), so the callback later loads it."""
+    table, budget = None, prune
+    if prune.uses_latency:
+        with training.main_process_first(desc="latency table"):
+            table = LatencyTable.build(model.config, runtime=prune.latency_runtime, batch_size=prune.latency_batch_size,
+                                       device=prune.latency_device, threads=prune.latency_threads,
+                                       cache_dir=prune.latency_cache_dir or default_cache_dir())
+        budget = replace(prune)  # resolve target_latency_ms on a copy: the callback resolves it itself
+        budget.resolve_target_latency(table.dense_ms)
+    check_config_budget(model, budget, table)
 
 
 def latency_figures(dense_config, pruned_model) -> dict:
@@ -150,13 +158,13 @@ def main(argv=None):
     tokenizer = load_tokenizer_if_any(script.model_name_or_path) if script.task == "imdb" else None
     model = load_model(script.task, script.model_name_or_path) if script.model_name_or_path else None
     if model is not None:
-        check_budget(model, prune)
+        check_budget(model, prune, training)
     task_data = prepare_task(script.task, script.dataset_dir, reward_size=script.reward_size if script.reward_size < 1 else int(script.reward_size),
                              seed=training.seed, smoke=script.smoke, max_train_samples=script.max_train_samples,
                              vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer)
     if model is None:
         model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length)
-        check_budget(model, prune)
+        check_budget(model, prune, training)
         logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
         pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
                  learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,

@@ -1,6 +1,7 @@
 import json
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -218,6 +219,41 @@ def test_ppo_finds_near_optimal_keep_ratios_and_beats_random_search(single_threa
         # The search got better over time, not just lucky: late episodes beat early ones on average.
         assert np.mean(ppo.history[-100:]) > np.mean(ppo.history[:100]) + 0.1
         assert np.allclose(ppo.best_keep_ratios, optimal_keep, atol=0.15), (ppo.best_keep_ratios, optimal_keep)
+
+
+def test_ppo_learns_with_episodes_in_lockstep(single_thread):
+    # The callback's way: 8 episodes step together so their rewards are evaluated in one batch, one update per batch.
+    vector_env = gym.vector.SyncVectorEnv([make_env] * 8, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    env = make_env()
+    optimal_keep, optimum = env.optimum()
+    agent = make_agent(seed=0, episodes_per_update=8)
+    ppo = run_search(vector_env, agent, 496, seed=0, show_progress=False)
+    random = run_search(vector_env, RandomSearchPolicy(MIN_KEEP, 1.0, seed=0), 496, seed=0, show_progress=False)
+    assert ppo.num_evaluations == len(ppo.history) == 496 and len(ppo.update_stats) == 62
+    assert ppo.best_reward >= optimum - 0.01 * optimum and ppo.best_reward > random.best_reward
+    assert evaluate_policy(env, agent).best_reward >= optimum - 0.04 * optimum
+    with pytest.raises(ValueError, match="multiple"):
+        run_search(vector_env, agent, 12, show_progress=False)
+
+
+def test_lockstep_episodes_enter_the_buffer_whole_and_in_order():
+    agent = make_agent(episodes_per_update=3)
+    envs = [make_env() for _ in range(3)]
+    observations = np.stack([env.reset(seed=0)[0] for env in envs])
+    for step in range(envs[0].num_layers):
+        actions = agent.act_batch(observations)
+        assert actions.shape == (3,) and agent.episodes_in_buffer == 0  # nothing enters before the episodes end
+        results = [env.step(np.array([action], dtype=np.float32)) for env, action in zip(envs, actions)]
+        observations = np.stack([result[0] for result in results])
+        agent.observe_batch([result[1] for result in results], [result[2] for result in results])
+    steps = envs[0].num_layers
+    assert agent.episodes_in_buffer == 3 and len(agent.rollout["obs"]) == 3 * steps
+    assert [float(t) for t in agent.rollout["terminals"]] == ([0.0] * (steps - 1) + [1.0]) * 3
+    assert torch.equal(agent.rollout["obs"][steps], agent.rollout["obs"][0])  # episode 2 starts where episode 1 did
+    agent.update()
+    with pytest.raises(ValueError, match="rewards"):
+        agent.act_batch(observations[:2])
+        agent.observe_batch([0.0], [True])
 
 
 # --- determinism, save and load ---

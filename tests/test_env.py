@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig
-from hf_rlprune.env import OBSERVATION_FEATURES, PruningEnv
+from hf_rlprune.env import OBSERVATION_FEATURES, PruningEnv, PruningVectorEnv
 from hf_rlprune.pruning import apply_masks, compute_macs, count_parameters, masks_from_widths
 
 
@@ -140,3 +140,35 @@ def test_step_after_the_end_is_an_error():
     run_episode(env, [0.5, 0.5, 0.5])
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.array([0.5]))
+
+
+def test_vector_env_evaluates_lockstep_episodes_in_one_batch():
+    config = RLPruneCNNConfig()
+    calls = []
+
+    def batch_accuracy(allocations):
+        calls.append(len(allocations))
+        return [widths["conv_blocks.0"] / 1000 for widths in allocations]
+
+    actions = np.array([[0.2, 0.9, 0.5], [0.6, 0.3, 0.5], [1.0, 1.0, 1.0]], dtype=np.float32)  # (K, steps)
+    vector_env = PruningVectorEnv([PruningEnv(config, constant_accuracy, target=0.4) for _ in range(3)], batch_accuracy)
+    obs, _ = vector_env.reset(seed=0)
+    assert obs.shape == (3, len(OBSERVATION_FEATURES)) and vector_env.observation_space.contains(obs)
+    for step in range(3):
+        obs, rewards, terminated, truncated, infos = vector_env.step(actions[:, step : step + 1])
+        assert terminated.tolist() == [step == 2] * 3 and not truncated.any()
+    assert calls == [3]  # one batch for the three allocations
+    for index in range(3):  # each episode as a PruningEnv alone would have run it
+        _, single = run_episode(PruningEnv(config, constant_accuracy, target=0.4), actions[index])
+        assert {name: int(values[index]) for name, values in infos["widths"].items() if not name.startswith("_")} == single["widths"]
+        assert rewards[index] == pytest.approx(single["widths"]["conv_blocks.0"] / 1000)
+        assert infos["cost_ratio"][index] <= 0.4 + 1e-9
+
+
+def test_vector_env_rejects_a_wrong_number_of_accuracies():
+    vector_env = PruningVectorEnv([PruningEnv(RLPruneCNNConfig(), constant_accuracy) for _ in range(2)], lambda allocations: [0.5])
+    vector_env.reset()
+    for _ in range(2):
+        vector_env.step(np.full((2, 1), 0.5))
+    with pytest.raises(ValueError, match="2 allocations"):
+        vector_env.step(np.full((2, 1), 0.5))

@@ -111,6 +111,30 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
     assert not (tmp_path / "dense").exists()
 
 
+@pytest.fixture(scope="module")
+def latency_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("latency")  # one table for the tests below: measured once, then loaded
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (["--target", "0.01"], r"0\.010 x dense latency cannot be met.*Raise the target or lower min_keep"),
+        (["--target_latency_ms", "1e6"], r"not below the dense model's estimated latency.*Lower target_latency_ms"),
+        (["--target_latency_ms", "1e-4"], r"target_latency_ms = 0\.0001 is 0\.000 x the dense model's estimated .* cannot be met"),
+    ],
+)
+def test_impossible_latency_budget_fails_before_pretraining(tmp_path, monkeypatch, latency_cache, budget, message):
+    prune = load_prune_script()
+    monkeypatch.setattr(prune, "pretrain", lambda *args, **kwargs: pytest.fail("pre-training started"))
+    with pytest.raises(ValueError, match=message):
+        prune.main(["--smoke", "--task", "cifar10", "--budget_kind", "latency", *budget, "--latency_runtime", "torch",
+                    "--latency_threads", "1", "--latency_batch_size", "8", "--latency_cache_dir", str(latency_cache),
+                    "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "dense").exists()
+    assert len(list(latency_cache.glob("*.json"))) == 1  # cached: the callback loads this table instead of measuring
+
+
 def test_reproduce_command_never_holds_the_token():
     prune = load_prune_script()
     for argv in (["--hub_token", "hf_SECRET", "--task", "imdb"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"], ["--hub-token", "hf_SECRET"]):

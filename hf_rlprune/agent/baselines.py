@@ -1,4 +1,4 @@
-"""Baseline policies with the agent's interface (``name``, ``act``, ``observe``), so a search treats all alike."""
+"""Baseline policies with the agent's interface (``name``, ``act_batch``, ``observe_batch``), so a search treats all alike."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ class SearchPolicy(Protocol):
 
     def act(self, obs, deterministic: bool = False) -> float: ...
 
-    def observe(self, reward: float, done: bool) -> None: ...
+    def act_batch(self, observations, deterministic: bool = False) -> np.ndarray: ...
+
+    def observe_batch(self, rewards, dones) -> None: ...
 
 
 class UniformPolicy:
@@ -27,7 +29,10 @@ class UniformPolicy:
     def act(self, obs, deterministic: bool = False) -> float:
         return self.keep_ratio
 
-    def observe(self, reward: float, done: bool) -> None:
+    def act_batch(self, observations, deterministic: bool = False) -> np.ndarray:
+        return np.full(len(observations), self.keep_ratio)
+
+    def observe_batch(self, rewards, dones) -> None:
         pass
 
 
@@ -46,7 +51,10 @@ class RandomSearchPolicy:
         self.rng = np.random.default_rng(seed)
 
     def act(self, obs, deterministic: bool = False) -> float:
-        return float(self.rng.uniform(self.action_low, self.action_high))
+        return float(self.act_batch([obs])[0])
 
-    def observe(self, reward: float, done: bool) -> None:
+    def act_batch(self, observations, deterministic: bool = False) -> np.ndarray:
+        return self.rng.uniform(self.action_low, self.action_high, size=len(observations))
+
+    def observe_batch(self, rewards, dones) -> None:
         pass

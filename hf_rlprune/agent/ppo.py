@@ -189,9 +189,11 @@ def ppo_update(model: ActorCritic, optimizer, batch: RolloutBatch, config: PPOCo
 class PPOAgent:
     """Observation vector in, keep ratio in [action_low, action_high] out; learns from episode-end rewards.
 
-    Rollout API: ``act(obs)`` then ``observe(reward, done)`` once per environment step; when ``should_update`` is
-    true (``episodes_per_update`` complete episodes stored), call ``update()``. The same object can run several
-    searches in a row (warm start); complete episodes left in the buffer carry over to the next search.
+    Rollout API: ``act(obs)`` then ``observe(reward, done)`` once per environment step, or ``act_batch`` and
+    ``observe_batch`` for several episodes in lockstep (a vector environment); each episode enters the buffer when
+    it ends, so the buffer is a sequence of whole episodes. When ``should_update`` is true (``episodes_per_update``
+    complete episodes stored), call ``update()``. The same object can run several searches in a row (warm start);
+    episodes left in the buffer carry over to the next search.
     """
 
     name = "ppo"
@@ -211,7 +213,8 @@ class PPOAgent:
         self.model = ActorCritic(self.obs_dim, self.config.hidden_size, self.config.init_std, self.generator)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate, eps=1e-5)
         self.rollout = {name: [] for name in self._ROLLOUT_FIELDS}
-        self._pending = None  # (obs, action, logprob, value) of the step awaiting observe()
+        self._pending = None  # per episode in the batch: (obs, action, logprob, value) of the step awaiting observe
+        self._running: list[list[tuple]] = []  # per episode in the batch: its finished steps, until it ends
         self.num_updates = 0
 
     @property
@@ -222,39 +225,60 @@ class PPOAgent:
     def should_update(self) -> bool:
         return self.episodes_in_buffer >= self.config.episodes_per_update
 
-    def _obs_tensor(self, obs) -> torch.Tensor:
+    def _obs_tensor(self, observations) -> torch.Tensor:
         # Copy: the environment may reuse its observation array, and the rollout keeps this tensor.
-        obs = torch.tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1)  # [1, obs_dim]
+        obs = torch.tensor(np.asarray(observations, dtype=np.float32))
+        obs = obs.reshape(-1, obs.shape[-1]) if obs.dim() else obs.reshape(1, 1)  # (K, obs_dim)
         if obs.shape[1] != self.obs_dim:
             raise ValueError(f"observation has {obs.shape[1]} entries, agent expects obs_dim={self.obs_dim}")
         return obs
 
     def act(self, obs, deterministic: bool = False) -> float:
         """Keep ratio for this step. Deterministic acts (the clipped mean) are not recorded and draw no randomness."""
-        obs = self._obs_tensor(obs)
+        return float(self.act_batch(np.asarray(obs, dtype=np.float32).reshape(1, -1), deterministic)[0])
+
+    def act_batch(self, observations, deterministic: bool = False) -> np.ndarray:
+        """Keep ratios (K,) for K episodes' observations (K, obs_dim), each episode at the same step."""
+        obs = self._obs_tensor(observations)  # (K, obs_dim)
         with torch.no_grad():
             dist = self.model.distribution(obs)
             if deterministic:
-                return self._to_keep_ratio(dist.mean)
+                return self._to_keep_ratios(dist.mean)
             if self._pending is not None:
                 raise RuntimeError("act() called twice without observe() in between")
-            noise = torch.from_numpy(self.rng.standard_normal((1, 1)).astype(np.float32))  # [1, 1]
-            action = dist.mean + dist.stddev * noise  # [1, 1], unclipped: the log-prob is of this sample
-            self._pending = (obs[0], action[0], dist.log_prob(action).sum(-1)[0], self.model.get_value(obs)[0])
-        return self._to_keep_ratio(action)
+            if self._running and len(self._running) != obs.shape[0]:
+                raise RuntimeError(f"{obs.shape[0]} observations while {len(self._running)} episodes are running")
+            noise = torch.from_numpy(self.rng.standard_normal((obs.shape[0], 1)).astype(np.float32))  # (K, 1)
+            actions = dist.mean + dist.stddev * noise  # (K, 1), unclipped: the log-prob is of this sample
+            logprobs, values = dist.log_prob(actions).sum(-1), self.model.get_value(obs)  # (K,), (K,)
+            self._pending = list(zip(obs, actions, logprobs, values))
+        return self._to_keep_ratios(actions)
 
-    def _to_keep_ratio(self, normalized_action: torch.Tensor) -> float:
-        unit = min(max(normalized_action.item(), 0.0), 1.0)
+    def _to_keep_ratios(self, normalized_actions: torch.Tensor) -> np.ndarray:
+        unit = normalized_actions.reshape(-1).clamp(0.0, 1.0).double().numpy()  # (K,)
         return self.action_low + unit * (self.action_high - self.action_low)
 
     def observe(self, reward: float, done: bool) -> None:
         """Record the outcome of the last ``act``; ``done`` is terminated or truncated."""
+        self.observe_batch([reward], [done])
+
+    def observe_batch(self, rewards, dones) -> None:
+        """Record the outcomes of the last ``act_batch``, one reward and done flag per episode."""
         if self._pending is None:
             raise RuntimeError("observe() called without a preceding stochastic act()")
-        for name, value in zip(("obs", "actions", "logprobs", "values"), self._pending):
-            self.rollout[name].append(value)
-        self.rollout["rewards"].append(torch.tensor(float(reward)))
-        self.rollout["terminals"].append(torch.tensor(float(bool(done))))
+        rewards, dones = list(np.asarray(rewards, dtype=np.float64).reshape(-1)), list(np.asarray(dones).reshape(-1))
+        if not len(rewards) == len(dones) == len(self._pending):
+            raise ValueError(f"{len(rewards)} rewards and {len(dones)} done flags for {len(self._pending)} actions")
+        if not self._running:
+            self._running = [[] for _ in self._pending]
+        for steps, pending, reward, done in zip(self._running, self._pending, rewards, dones):
+            steps.append((*pending, torch.tensor(float(reward)), torch.tensor(float(bool(done)))))
+            if done:  # the episode enters the buffer whole
+                for name, values in zip(self._ROLLOUT_FIELDS, zip(*steps)):
+                    self.rollout[name].extend(values)
+                steps.clear()
+        if not any(self._running):
+            self._running = []
         self._pending = None
 
     def update(self) -> dict:
@@ -278,8 +302,8 @@ class PPOAgent:
 
     def save(self, path: str | PathLike) -> None:
         """One safetensors file: weights, Adam state, torch generator, rollout buffer; config and numpy RNG as JSON."""
-        if self._pending is not None:
-            raise RuntimeError("cannot save between act() and observe(); finish the step first")
+        if self._pending is not None or self._running:
+            raise RuntimeError("cannot save in the middle of an episode: observe() the running episodes to their end first")
         tensors = {f"model.{name}": value.contiguous() for name, value in self.model.state_dict().items()}
         optimizer_state = self.optimizer.state_dict()
         for index, param_state in optimizer_state["state"].items():

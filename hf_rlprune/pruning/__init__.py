@@ -15,6 +15,7 @@ from .latency import compare_latency, LatencyResult, example_inputs, export_modu
 from .latency_table import LatencyTable
 from .masks import (
     apply_masks,
+    mask_multipliers,
     enforce_masks,
     get_masks,
     masked_widths,
@@ -32,6 +33,7 @@ __all__ = [
     "TaylorAccumulator",
     "TensorSlice",
     "apply_masks",
+    "mask_multipliers",
     "check_supported",
     "compact",
     "compare_latency",

@@ -93,11 +93,10 @@ def _slice_multiplier(param: torch.Tensor, slice_, mask: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Mask `model` in place (replacing earlier masks): zero pruned units' weights and cut their gradients."""
+def mask_multipliers(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per parameter or buffer name, the 0/1 tensor (broadcastable to it) that zeroes the units `masks` prune."""
     check_supported(model)
     validate_masks(model, masks)
-    remove_masks(model)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     multipliers: dict[str, torch.Tensor] = {}
     for group in get_prunable_groups(model):
@@ -105,9 +104,17 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             continue
         mask = masks[group.name].bool().cpu()
         for slice_ in group.producers:
-            tensor = tensors[slice_.name]
-            factor = _slice_multiplier(tensor, slice_, mask)
+            factor = _slice_multiplier(tensors[slice_.name], slice_, mask)
             multipliers[slice_.name] = factor * multipliers[slice_.name] if slice_.name in multipliers else factor
+    return multipliers
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Mask `model` in place (replacing earlier masks): zero pruned units' weights and cut their gradients."""
+    multipliers = mask_multipliers(model, masks)
+    remove_masks(model)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     handles = []
     params = dict(model.named_parameters())
     for name, factor in multipliers.items():

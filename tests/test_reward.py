@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune.pruning import apply_masks, masks_from_widths
+from hf_rlprune.reward import RewardEvaluator, supports_stacked_candidates
+
+CANDIDATES = [
+    {"conv_blocks.0": 8, "conv_blocks.1": 16, "hidden_layers.0": 32},  # the round's model, unpruned further
+    {"conv_blocks.0": 3, "conv_blocks.1": 16, "hidden_layers.0": 8},
+    {"conv_blocks.0": 6, "conv_blocks.1": 4, "hidden_layers.0": 32},
+    {"conv_blocks.0": 1, "conv_blocks.1": 1, "hidden_layers.0": 1},
+]
+
+
+def quadrant_batches(num_batches, batch_size, seed):
+    """A learnable 4-class task: the label is the signs of the mean of two image regions."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        pixels = torch.randn(batch_size, 3, 16, 16, generator=generator)  # (B, C, H, W)
+        labels = 2 * (pixels[:, 0, :8, :8].mean((1, 2)) > 0).long() + (pixels[:, 1, 8:, 8:].mean((1, 2)) > 0).long()  # (B,)
+        pixels[:, 0, :8, :8] += (2 * (labels // 2) - 1)[:, None, None].float()  # make the signal easy to see
+        pixels[:, 1, 8:, 8:] += (2 * (labels % 2) - 1)[:, None, None].float()
+        batches.append({"pixel_values": pixels, "labels": labels})
+    return batches
+
+
+@pytest.fixture
+def trained_cnn():
+    torch.manual_seed(0)
+    config = RLPruneCNNConfig(conv_channels=[8, 16], hidden_sizes=[32], num_labels=4, image_size=16, use_batch_norm=True, dropout=0.3)
+    model = RLPruneCNNForImageClassification(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for batch in quadrant_batches(30, 32, seed=1):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model
+
+
+def evaluator(candidates_per_pass, recovery_steps=6):
+    return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(3, 32, seed=3), recovery_steps=recovery_steps,
+                           recovery_lr=3e-3, candidates_per_pass=candidates_per_pass, seed=0)
+
+
+def test_stacked_candidates_match_one_at_a_time(trained_cnn):
+    # BN (batched running stats), dropout (one stream for all) and Adam (elementwise) must all stay per candidate.
+    one_at_a_time, stacked = evaluator(1), evaluator(4)
+    for reward in (one_at_a_time, stacked):
+        reward.begin_round(trained_cnn)
+    expected = one_at_a_time.evaluate_batch(CANDIDATES)
+    got = stacked.evaluate_batch(CANDIDATES)
+    assert got == pytest.approx(expected, abs=1 / 256 + 1e-9)  # at most one of 256 predictions may flip on rounding
+    assert expected[0] > 0.8 and expected[3] < expected[0]  # a real task: width matters
+    assert one_at_a_time.evaluations == stacked.evaluations == len(CANDIDATES)
+    # a candidate's reward does not depend on which others share its pass, nor on the chunking
+    assert stacked.evaluate_batch(CANDIDATES[2:3]) == pytest.approx(got[2:3], abs=1e-9)
+    chunked = evaluator(3)
+    chunked.begin_round(trained_cnn)
+    assert chunked.evaluate_batch(CANDIDATES) == pytest.approx(got, abs=1 / 256 + 1e-9)
+
+
+def test_recovery_trains_each_candidate_and_leaves_the_live_model_alone(trained_cnn):
+    before = {name: value.clone() for name, value in trained_cnn.state_dict().items()}
+    no_recovery, recovery = evaluator(4, recovery_steps=0), evaluator(4, recovery_steps=30)
+    for reward in (no_recovery, recovery):
+        reward.begin_round(trained_cnn)
+    assert sum(recovery.evaluate_batch(CANDIDATES[1:])) > sum(no_recovery.evaluate_batch(CANDIDATES[1:]))
+    for name, value in trained_cnn.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_candidates_nest_inside_the_rounds_masks(trained_cnn):
+    # Units the live model already pruned stay pruned: keeping 4 of the 4 alive equals the round's model itself.
+    apply_masks(trained_cnn, masks_from_widths(trained_cnn, {"conv_blocks.0": 4}))
+    reward = evaluator(4, recovery_steps=0)
+    reward.begin_round(trained_cnn)
+    same, wider_than_alive = reward.evaluate_batch([{"conv_blocks.0": 4}, {"conv_blocks.0": 8}])
+    assert same == wider_than_alive
+
+
+def test_lstm_candidates_are_evaluated_one_at_a_time():
+    torch.manual_seed(0)
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=30, embedding_dim=8, lstm_hidden_sizes=[6], hidden_sizes=[4]))
+    assert not supports_stacked_candidates(model)  # torch has no vmap rule for aten::lstm
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 30, (8, 5), generator=generator), "labels": torch.randint(0, 2, (8,), generator=generator)}]
+    reward = RewardEvaluator(batches, batches, recovery_steps=2, candidates_per_pass=4)
+    reward.begin_round(model)
+    widths = [{"lstm_layers.0": 2}, {"lstm_layers.0": 6}, {"embeddings": 1}]
+    accuracies = reward.evaluate_batch(widths)
+    assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies) and reward.evaluations == 3
+    assert reward(widths[2]) == accuracies[2]  # deterministic, whatever came before
+
+
+def test_evaluator_errors_name_the_fix(trained_cnn):
+    with pytest.raises(ValueError, match="candidates_per_pass"):
+        evaluator(0)
+    with pytest.raises(RuntimeError, match="begin_round"):
+        evaluator(2).evaluate_batch(CANDIDATES)
+    assert supports_stacked_candidates(trained_cnn)
