@@ -58,8 +58,8 @@ class RLPruneConfig:
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
     candidates_per_pass: int = field(
         default=8,
-        metadata={"help": "Search episodes run in lockstep and evaluated together: their masked copies train and are measured "
-                          "in one vmapped pass (models without LSTMs). Memory grows with it; 1 evaluates one at a time."},
+        metadata={"help": "Search episodes run in lockstep and evaluated together: on a GPU their masked copies train and are "
+                          "measured in one vmapped pass (models without LSTMs; memory grows with it); on CPU one at a time."},
     )
     min_keep: float = field(default=0.05, metadata={"help": "Smallest keep ratio any layer may get, in (0, 1]."})
     fill_budget: bool = field(default=True, metadata={"help": "Scale each allocation up to use the whole budget."})

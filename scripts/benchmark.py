@@ -44,7 +44,7 @@ from hf_rlprune.tasks import (
 )
 
 logger = logging.getLogger("hf_rlprune.benchmark")
-METHODS = ("ppo", "random", "uniform", "oneshot")
+METHODS = ("ppo", "random", "uniform", "oneshot", "ppo_latency")
 
 
 @dataclass
@@ -62,7 +62,10 @@ class BenchmarkArguments:
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate (cosine decay), the same for every method."})
     batch_size: int = field(default=128, metadata={"help": "Batch size of pre-training and fine-tuning."})
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "MACs budgets (fractions of dense)."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Among {METHODS}."})
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS[:4]),
+        metadata={"help": f"Among {METHODS}; ppo_latency's budget is a fraction of the dense ORT CPU latency at batch 128, not of MACs."},
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
     num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
     start_fraction: float = field(default=0.0, metadata={"help": "Fraction of fine-tuning before the first round."})
@@ -106,6 +109,9 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
                   save_on_train_end=False, show_progress=False)
     if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning
         return RLPruneConfig(**{**common, "method": "uniform", "num_rounds": 1, "start_fraction": 0.0, "end_fraction": 0.0})
+    if method == "ppo_latency":  # the agent under a budget on ONNX Runtime CPU latency at batch 128 (widths snapped to 8)
+        return RLPruneConfig(**{**common, "method": "ppo", "budget_kind": "latency", "latency_runtime": "onnxruntime",
+                                "latency_batch_size": 128})
     return RLPruneConfig(**{**common, "method": method})
 
 
@@ -194,7 +200,7 @@ def markdown(results: dict, summary: dict) -> str:
         gpu = f"{latency['torch_cuda_batch128']['pruned']:.2f}" if "torch_cuda_batch128" in latency else "–"
         ratios = ", ".join(f"{v:.2f}" for v in row["keep_ratios"].values())
         lines.append(
-            f"| {row['budget']:.2f} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
+            f"| {row['budget']:.2f}{' latency' if row['method'] == 'ppo_latency' else ''} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
             f"| {100 * (row['accuracy_mean'] - dense['accuracy']):+.2f} | {row['macs']:,.0f} ({row['macs_ratio']:.3f}) | {row['params']:,.0f} "
             f"| {100 * row['pruning_ratio_units']:.1f}% | {row['trade_off']:.3f} | {row['reward_evaluations']} | {row['search_seconds']:.1f} "
             f"| {row['total_seconds']:.1f} | {ort} | {gpu} | {ratios} |"
@@ -202,10 +208,21 @@ def markdown(results: dict, summary: dict) -> str:
     dense_latency = results["dense"].get("latency_ms", {})
     if dense_latency:
         lines += ["", "Dense latency (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in dense_latency.items()) + "."]
+    costs = search_cost(summary)
+    if costs:
+        lines += ["", "Search cost (mean search seconds over the mean total seconds of uniform pruning, i.e. fine-tuning alone): "
+                  + ", ".join(f"{b:.2f} {method}: +{100 * c:.0f}%" for (b, method), c in costs.items()) + "."]
     lines += ["", "Reward fidelity (Spearman correlation of the final-round reward with test accuracy after fine-tuning, "
               "over the searched policies): " + ", ".join(f"{float(b):.2f} MACs: {f['spearman']:.2f} ({f['policies']} policies)"
                                                         for b, f in summary["reward_fidelity"].items()) + "."]
     return "\n".join(lines)
+
+
+def search_cost(summary: dict) -> dict:
+    """(budget, searching method) -> its search seconds as a fraction of the uniform run's total (fine-tuning alone)."""
+    uniform = {row["budget"]: row["total_seconds"] for row in summary["rows"] if row["method"] == "uniform"}
+    return {(row["budget"], row["method"]): row["search_seconds"] / uniform[row["budget"]]
+            for row in summary["rows"] if row["budget"] in uniform and row["method"] in ("ppo", "random", "ppo_latency")}
 
 
 def plot(results: dict, summary: dict, path: str) -> bool:

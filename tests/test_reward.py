@@ -40,8 +40,9 @@ def trained_cnn():
 
 
 def evaluator(candidates_per_pass, recovery_steps=6):
+    # stacking is on for CUDA by default; forced here so that CPU tests exercise it
     return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(3, 32, seed=3), recovery_steps=recovery_steps,
-                           recovery_lr=3e-3, candidates_per_pass=candidates_per_pass, seed=0)
+                           recovery_lr=3e-3, candidates_per_pass=candidates_per_pass, stack_candidates=True, seed=0)
 
 
 def test_stacked_candidates_match_one_at_a_time(trained_cnn):
@@ -86,7 +87,7 @@ def test_lstm_candidates_are_evaluated_one_at_a_time():
     assert not supports_stacked_candidates(model)  # torch has no vmap rule for aten::lstm
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(1, 30, (8, 5), generator=generator), "labels": torch.randint(0, 2, (8,), generator=generator)}]
-    reward = RewardEvaluator(batches, batches, recovery_steps=2, candidates_per_pass=4)
+    reward = RewardEvaluator(batches, batches, recovery_steps=2, candidates_per_pass=4, stack_candidates=True)
     reward.begin_round(model)
     widths = [{"lstm_layers.0": 2}, {"lstm_layers.0": 6}, {"embeddings": 1}]
     accuracies = reward.evaluate_batch(widths)
