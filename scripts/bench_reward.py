@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Reward evaluation speed: candidates evaluated one at a time against K stacked in one vmapped pass.
+
+    python scripts/bench_reward.py                      # CPU
+    python scripts/bench_reward.py --device cuda        # GPU, bf16 autocast, as the benchmark runs it
+
+Each candidate is a random allocation of the reference CIFAR-10 CNN, recovered for `recovery_steps` Adam steps on
+batches of 128 random images and measured on `reward_batches` batches, exactly as RewardEvaluator does in a search.
+Prints milliseconds per candidate for each K and checks that every K gives the same rewards.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification
+from hf_rlprune.reward import RewardEvaluator
+
+
+@dataclass
+class BenchRewardArguments:
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    candidates: int = field(default=16, metadata={"help": "Candidate allocations timed per setting."})
+    candidates_per_pass: list[int] = field(default_factory=lambda: [1, 8, 16], metadata={"help": "K values (1: one at a time)."})
+    recovery_steps: int = field(default=40, metadata={"help": "Recovery steps per candidate (the CIFAR-10 benchmark's)."})
+    reward_batches: int = field(default=20, metadata={"help": "Batches of 128 in the reward split."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data and the allocations."})
+
+
+def random_batches(count: int, generator: torch.Generator) -> list[dict]:
+    return [{"pixel_values": torch.randn(128, 3, 32, 32, generator=generator), "labels": torch.randint(0, 10, (128,), generator=generator)}
+            for _ in range(count)]
+
+
+def main(argv=None) -> dict:
+    (args,) = HfArgumentParser(BenchRewardArguments).parse_args_into_dataclasses(args=argv)
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(args.seed)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig()).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    reward_batches, recovery_batches = random_batches(args.reward_batches, generator), random_batches(10, generator)
+    rng = np.random.default_rng(args.seed)
+    candidates = [{"conv_blocks.0": int(rng.integers(4, 33)), "conv_blocks.1": int(rng.integers(8, 65)),
+                   "hidden_layers.0": int(rng.integers(32, 513))} for _ in range(args.candidates)]
+    results, reference = {}, None
+    for per_pass in args.candidates_per_pass:
+        evaluator = RewardEvaluator(reward_batches, recovery_batches, recovery_steps=args.recovery_steps, candidates_per_pass=per_pass,
+                                    stack_candidates=per_pass > 1, autocast_dtype=autocast)
+        evaluator.begin_round(model)
+        evaluator.evaluate_batch(candidates[:per_pass])  # warm-up: kernels, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        rewards = evaluator.evaluate_batch(candidates)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_candidate_ms = 1000 * (time.perf_counter() - start) / len(candidates)
+        reference = reference or rewards
+        max_difference = max(abs(a - b) for a, b in zip(rewards, reference))
+        results[per_pass] = {"ms_per_candidate": per_candidate_ms, "max_reward_difference_to_k1": max_difference}
+        print(f"K={per_pass:3d}: {per_candidate_ms:8.1f} ms per candidate ({args.recovery_steps} recovery steps, "
+              f"{args.reward_batches} reward batches); max |reward - reward(K=1)| = {max_difference:.4f}", flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    summary = {"device": device_name, "args": vars(args), "results": results}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
