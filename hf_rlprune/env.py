@@ -90,6 +90,7 @@ class PruningEnv(gym.Env):
         self.latency_fn = latency_fn
         self.reward_cost = reward_cost or (budget_kind if reward_mode == "trade_off" else "macs")
         self.dense_widths = [group.width for group in self.groups]
+        self._costs: dict[tuple, float] = {}  # (kind, *widths) -> cost; PruningVectorEnv shares it among alike envs
         if max_keep is None:
             max_keep = self._max_keep_from_masks(model_or_config)
         if len(max_keep) != len(self.groups):
@@ -118,13 +119,17 @@ class PruningEnv(gym.Env):
 
     def cost(self, widths: list[int], kind: str | None = None) -> float:
         """Cost of an allocation (widths in group order): the budget's kind, or `kind`; latency in milliseconds."""
-        named = self.widths_dict(widths)
         kind = kind or self.budget_kind
-        if kind == "macs":
-            return float(compute_macs(self.config, seq_len=self.seq_len, widths=named))
-        if kind == "params":
-            return float(count_parameters(self.config, widths=named))
-        return float(self.latency_fn(named))
+        key = (kind, *widths)
+        if key not in self._costs:  # the budget wall and the fill bisect over the same allocations again and again
+            named = self.widths_dict(widths)
+            if kind == "macs":
+                self._costs[key] = float(compute_macs(self.config, seq_len=self.seq_len, widths=named))
+            elif kind == "params":
+                self._costs[key] = float(count_parameters(self.config, widths=named))
+            else:
+                self._costs[key] = float(self.latency_fn(named))
+        return self._costs[key]
 
     def _max_keep_from_masks(self, model_or_config) -> list[float]:
         from .pruning import masked_widths  # a config has no masks
@@ -320,6 +325,9 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             raise ValueError("The sub-environments must walk the same prunable groups (one model, one budget).")
         self.envs = list(envs)
         self.num_envs = len(self.envs)
+        for env in self.envs[1:]:  # alike envs price allocations alike: one cost cache for all
+            if env.config is envs[0].config and env.latency_fn is envs[0].latency_fn and env.seq_len == envs[0].seq_len:
+                env._costs = envs[0]._costs
         self.evaluate_batch_fn = evaluate_batch_fn or (lambda widths: [env.evaluate_fn(w) for env, w in zip(self.envs, widths)])
         self.single_observation_space = envs[0].observation_space
         self.single_action_space = envs[0].action_space

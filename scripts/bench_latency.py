@@ -145,7 +145,14 @@ def budget_comparison(args: BenchLatencyArguments, tables: dict) -> list[dict]:
     config = RLPruneCNNConfig()
     table = tables["cnn"] if "cnn" in tables else build_table(config, args)[0]
     dense_macs = compute_macs(config)
-    plans = [(budget, kind, widths) for budget in args.budgets for kind, widths in allocations_for_budget(config, table, budget, args).items()]
+    plans = []
+    for budget in args.budgets:
+        try:
+            plans += [(budget, kind, widths) for kind, widths in allocations_for_budget(config, table, budget, args).items()]
+        except ValueError as error:  # e.g. a GPU whose fixed per-kernel cost no width can remove
+            print(f"budget {budget}: skipped, {error}")
+    if not plans:
+        return []
     dense_widths = {g.name: g.width for g in get_prunable_groups(config)}
     measured = measure_round_robin([config] + [config_with_widths(config, widths) for _, _, widths in plans], args)
     dense_ms = min(measured[0])
