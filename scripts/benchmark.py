@@ -44,7 +44,7 @@ from hf_rlprune.tasks import (
 )
 
 logger = logging.getLogger("hf_rlprune.benchmark")
-METHODS = ("ppo", "random", "uniform", "oneshot", "ppo_latency")
+METHODS = ("ppo", "random", "uniform", "oneshot", "ppo_latency", "random_oneshot")
 
 
 @dataclass
@@ -64,7 +64,8 @@ class BenchmarkArguments:
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "MACs budgets (fractions of dense)."})
     methods: list[str] = field(
         default_factory=lambda: list(METHODS[:4]),
-        metadata={"help": f"Among {METHODS}; ppo_latency's budget is a fraction of the dense ORT CPU latency at batch 128, not of MACs."},
+        metadata={"help": f"Among {METHODS}; ppo_latency's budget is a fraction of the dense ORT CPU latency at batch 128, not of MACs; "
+                          "random_oneshot fine-tunes one random allocation per seed (run many seeds: the best is the head-room)."},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
     num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
@@ -109,6 +110,9 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
                   save_on_train_end=False, show_progress=False)
     if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning
         return RLPruneConfig(**{**common, "method": "uniform", "num_rounds": 1, "start_fraction": 0.0, "end_fraction": 0.0})
+    if method == "random_oneshot":  # one random allocation (the seed's), cut at the first step: best of N seeds = head-room
+        return RLPruneConfig(**{**common, "method": "random", "search_episodes": 1, "num_rounds": 1, "start_fraction": 0.0,
+                                "end_fraction": 0.0})
     if method == "ppo_latency":  # the agent under a budget on ONNX Runtime CPU latency at batch 128 (widths snapped to 8)
         return RLPruneConfig(**{**common, "method": "ppo", "budget_kind": "latency", "latency_runtime": "onnxruntime",
                                 "latency_batch_size": 128})
@@ -208,6 +212,12 @@ def markdown(results: dict, summary: dict) -> str:
     dense_latency = results["dense"].get("latency_ms", {})
     if dense_latency:
         lines += ["", "Dense latency (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in dense_latency.items()) + "."]
+    for row in summary["rows"]:
+        if row["method"] == "random_oneshot":
+            best = max((r for r in results["runs"] if r["method"] == "random_oneshot" and r["budget"] == row["budget"]), key=lambda r: r["test_accuracy"])
+            lines += ["", f"Best of {row['seeds']} random one-shot allocations, each fully fine-tuned, at {row['budget']:.2f}: "
+                      f"{100 * best['test_accuracy']:.2f}% (seed {best['seed']}, keep ratios "
+                      f"{', '.join(f'{v:.2f}' for v in best['report']['policy'].values())})."]
     costs = search_cost(summary)
     if costs:
         lines += ["", "Search cost (mean search seconds over the mean total seconds of uniform pruning, i.e. fine-tuning alone): "

@@ -140,6 +140,8 @@ def test_bad_input(tmp_path):
         RLPruneConfig(target=0.0)
     with pytest.raises(ValueError, match="method"):
         RLPruneConfig(method="greedy")
+    with pytest.raises(ValueError, match="candidates_per_pass"):
+        RLPruneConfig(candidates_per_pass=0)
     _, reward = tiny_data()
     callback = RLPruneCallback(prune_config(), reward_dataset=reward)
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
