@@ -247,7 +247,8 @@ class RLPruneCallback(TrainerCallback):
             policy, episodes = RandomSearchPolicy(cfg.min_keep, 1.0, seed=cfg.prune_seed * 1000 + round_index), cfg.search_episodes
         else:
             policy, episodes = UniformPolicy(env.uniform_keep_ratio()), 1
-        lockstep = min(cfg.candidates_per_pass, episodes)
+        # PPO updates only between lockstep batches: a batch no larger than an update keeps its update schedule
+        lockstep = min(cfg.candidates_per_pass, episodes, cfg.ppo_episodes_per_update if cfg.method == "ppo" else episodes)
         envs = [env] + [self._make_env(model, target) for _ in range(lockstep - 1)]
         result = run_search(
             PruningVectorEnv(envs, self._evaluator.evaluate_batch), policy, episodes, seed=cfg.prune_seed * 1000 + round_index, show_progress=cfg.show_progress and is_main,

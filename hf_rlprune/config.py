@@ -59,7 +59,8 @@ class RLPruneConfig:
     candidates_per_pass: int = field(
         default=8,
         metadata={"help": "Search episodes run in lockstep and evaluated together: on a GPU their masked copies train and are "
-                          "measured in one vmapped pass (models without LSTMs; memory grows with it); on CPU one at a time."},
+                          "measured in one vmapped pass (models without LSTMs; memory grows with it); on CPU one at a time. For PPO it is "
+                          "capped at ppo_episodes_per_update, since the agent updates only between batches."},
     )
     min_keep: float = field(default=0.05, metadata={"help": "Smallest keep ratio any layer may get, in (0, 1]."})
     fill_budget: bool = field(default=True, metadata={"help": "Scale each allocation up to use the whole budget."})

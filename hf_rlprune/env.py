@@ -321,6 +321,8 @@ class PruningVectorEnv(gym.vector.VectorEnv):
     def __init__(self, envs: list[PruningEnv], evaluate_batch_fn: Callable[[list[dict[str, int]]], list[float]] | None = None):
         if not envs:
             raise ValueError("PruningVectorEnv needs at least one PruningEnv.")
+        if len({id(env) for env in envs}) != len(envs):
+            raise ValueError("PruningVectorEnv needs distinct PruningEnv objects: each holds its own episode.")
         if len({len(env.groups) for env in envs}) != 1:
             raise ValueError("The sub-environments must walk the same prunable groups (one model, one budget).")
         self.envs = list(envs)
@@ -344,7 +346,10 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         return np.stack(observations), infos  # (K, obs_dim)
 
     def step(self, actions):
-        actions = np.asarray(actions, dtype=np.float32).reshape(self.num_envs, -1)  # (K, 1)
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.size != self.num_envs:
+            raise ValueError(f"Got {actions.size} actions for {self.num_envs} environments; give one keep ratio each.")
+        actions = actions.reshape(self.num_envs, 1)  # (K, 1)
         final_widths = [env.advance(action) for env, action in zip(self.envs, actions)]
         done = [widths is not None for widths in final_widths]
         if any(done) and not all(done):

@@ -181,8 +181,8 @@ class RewardEvaluator:
             for name in names
         }
         count = len(candidates)
-        params = {
-            name: (param.detach().unsqueeze(0).repeat(count, *[1] * param.dim())).requires_grad_()  # (K, *shape)
+        params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
+            name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)
             for name, param in base.named_parameters()
         }
         buffers = {}
@@ -199,7 +199,7 @@ class RewardEvaluator:
         autocast = _autocast(base, self.autocast_dtype)
         if self.recovery_steps:
             base.train()
-            optimizer = torch.optim.Adam(list(params.values()), lr=self.recovery_lr)
+            optimizer = torch.optim.Adam([value for value in params.values() if value.requires_grad], lr=self.recovery_lr)
             losses = vmap(lambda p, b, f, batch: forward(p, b, f, batch).loss, in_dims=(0, 0, 0, None), randomness="same")
             for batch in self._recovery_schedule():
                 optimizer.zero_grad(set_to_none=True)

@@ -297,7 +297,10 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
     # cards of the best pruned model per budget (highest test accuracy among the searched runs)
     os.makedirs(args.cards_dir, exist_ok=True)
     for budget in sorted({r["budget"] for r in results["runs"]}, reverse=True):
-        runs = [r for r in results["runs"] if r["budget"] == budget]
+        # MACs-budget methods only: ppo_latency's budget is a latency fraction, random_oneshot a head-room probe
+        runs = [r for r in results["runs"] if r["budget"] == budget and r["method"] in METHODS[:4]]
+        if not runs:
+            continue
         best = max(runs, key=lambda r: r["test_accuracy"])
         name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
         command = " && ".join(portable_command(part, results["task"]) for part in best.get("command", results["command"]).split(" && "))

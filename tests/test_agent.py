@@ -234,6 +234,17 @@ def test_ppo_learns_with_episodes_in_lockstep(single_thread):
     assert evaluate_policy(env, agent).best_reward >= optimum - 0.04 * optimum
     with pytest.raises(ValueError, match="multiple"):
         run_search(vector_env, agent, 12, show_progress=False)
+    with pytest.raises(ValueError, match="single env"):
+        evaluate_policy(vector_env, agent)
+
+
+def test_run_search_refuses_episodes_of_different_lengths():
+    def short_env():
+        return SyntheticPruneEnv(sensitivities=[0.5, 0.5, 0.5], costs=[1, 1, 1], budget=0.5, min_keep=MIN_KEEP)
+
+    vector_env = gym.vector.SyncVectorEnv([make_env, short_env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    with pytest.raises(ValueError, match="different steps"):
+        run_search(vector_env, RandomSearchPolicy(MIN_KEEP, 1.0), 2, show_progress=False)
 
 
 def test_lockstep_episodes_enter_the_buffer_whole_and_in_order():

@@ -80,6 +80,8 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
     report = json.loads((saved / "pruning_report.json").read_text())
     assert report["macs"]["pruned"] == compute_macs(model.config)
     assert report["search"]["reward_evaluations"] == 8
+    # lockstep batches never exceed ppo_episodes_per_update (2): two PPO updates per round, as one at a time
+    assert callback.agent.num_updates == 4
     loaded = AutoModelForImageClassification.from_pretrained(saved).eval()
     pixels = torch.randn(4, 3, 8, 8)
     assert loaded.config.conv_channels == model.config.conv_channels

@@ -172,3 +172,13 @@ def test_vector_env_rejects_a_wrong_number_of_accuracies():
         vector_env.step(np.full((2, 1), 0.5))
     with pytest.raises(ValueError, match="2 allocations"):
         vector_env.step(np.full((2, 1), 0.5))
+
+
+def test_vector_env_refuses_shared_envs_and_wrong_action_counts():
+    env = PruningEnv(RLPruneCNNConfig(), constant_accuracy)
+    with pytest.raises(ValueError, match="distinct"):
+        PruningVectorEnv([env, env])
+    vector_env = PruningVectorEnv([env, PruningEnv(RLPruneCNNConfig(), constant_accuracy)])
+    vector_env.reset()
+    with pytest.raises(ValueError, match="4 actions for 2"):
+        vector_env.step(np.full((2, 2), 0.5))

@@ -37,6 +37,8 @@ def _run_episodes(vector_env, policy: SearchPolicy, seed, deterministic: bool) -
         actions = policy.act_batch(observations, deterministic=deterministic)  # (K,)
         observations, rewards, terminated, truncated, infos = vector_env.step(np.asarray(actions, dtype=np.float32).reshape(-1, 1))
         dones = np.logical_or(terminated, truncated)
+        if dones.any() and not dones.all():
+            raise ValueError("The vector env's episodes ended at different steps; run_search needs lockstep episodes of one length.")
         episode_rewards += rewards
         if not deterministic:
             policy.observe_batch(rewards, dones)
@@ -116,8 +118,11 @@ def run_search(env, policy: SearchPolicy, num_episodes: int, seed: int = 0, show
 
 def evaluate_policy(env, policy: SearchPolicy, seed: int | None = None) -> SearchResult:
     """One deterministic episode (the PPO agent acts with its mean); nothing is recorded or learned."""
+    vector_env = as_vector_env(env)
+    if vector_env.num_envs != 1:
+        raise ValueError(f"evaluate_policy runs one deterministic episode; give a single env, not {vector_env.num_envs}.")
     start = time.perf_counter()
-    ((reward, info),) = _run_episodes(as_vector_env(env), policy, seed, deterministic=True)
+    ((reward, info),) = _run_episodes(vector_env, policy, seed, deterministic=True)
     return SearchResult(
         best_reward=reward,
         best_keep_ratios=[float(k) for k in info["keep_ratios"]],
