@@ -101,3 +101,15 @@ def test_evaluator_errors_name_the_fix(trained_cnn):
     with pytest.raises(RuntimeError, match="begin_round"):
         evaluator(2).evaluate_batch(CANDIDATES)
     assert supports_stacked_candidates(trained_cnn)
+
+
+def test_candidates_are_stacked_on_cuda_only_by_default(trained_cnn, monkeypatch):
+    # On a CPU one candidate already fills the cores and the stacked pass measured slower: one at a time there.
+    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), recovery_steps=1, candidates_per_pass=4)
+    reward.begin_round(trained_cnn)
+
+    def refuse(candidates):
+        raise AssertionError("stacked on CPU")
+
+    monkeypatch.setattr(reward, "_evaluate_stacked", refuse)
+    assert len(reward.evaluate_batch(CANDIDATES)) == 4 and reward.evaluations == 4
