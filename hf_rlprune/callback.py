@@ -63,6 +63,14 @@ def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
 
+def build_latency_table(model_config, cfg: RLPruneConfig):
+    """The latency table `cfg` asks for (runtime, device, batch, threads), measured or loaded from its JSON cache."""
+    from .pruning.latency_table import LatencyTable, default_cache_dir
+
+    return LatencyTable.build(model_config, runtime=cfg.latency_runtime, batch_size=cfg.latency_batch_size, device=cfg.latency_device,
+                              threads=cfg.latency_threads, cache_dir=cfg.latency_cache_dir or default_cache_dir())
+
+
 def check_budget(model_or_config, cfg: RLPruneConfig, latency_table=None) -> None:
     """A ValueError naming the fix when `cfg`'s budget cannot be met (a latency budget needs the dense model's
     latency table, and target_latency_ms resolved to a fraction)."""
@@ -164,16 +172,11 @@ class RLPruneCallback(TrainerCallback):
     def _build_latency_table(self, state) -> None:
         """Measure (or load from cache) the dense model's latency table on the main process, which alone searches;
         every rank resolves a target in milliseconds to the same fraction of the dense latency."""
-        from .pruning.latency_table import LatencyTable, default_cache_dir
-
         cfg = self.config
         dense_ms = None
         if state.is_world_process_zero:
             if self.latency_table is None:
-                self.latency_table = LatencyTable.build(
-                    self.dense_config, runtime=cfg.latency_runtime, batch_size=cfg.latency_batch_size, device=cfg.latency_device,
-                    threads=cfg.latency_threads, cache_dir=cfg.latency_cache_dir or default_cache_dir(),
-                )
+                self.latency_table = build_latency_table(self.dense_config, cfg)
             dense_ms = self.latency_table.dense_ms
         cfg.resolve_target_latency(_broadcast(dense_ms))
         if state.is_world_process_zero:  # an impossible budget is an error now, not after the first rounds

@@ -256,16 +256,16 @@ class PruningEnv(gym.Env):
     def score(self, widths: list[int], accuracy: float) -> dict:
         """Cost and reward of an allocation (widths in group order) whose accuracy is already measured."""
         named = self.widths_dict(widths)
-        macs = compute_macs(self.config, seq_len=self.seq_len, widths=named)
+        macs, params = int(self.cost(widths, "macs")), int(self.cost(widths, "params"))  # cached: exact integers as floats
         cost_ratio = self.cost(widths) / self.dense_cost
-        latency_ms = float(self.latency_fn(named)) if self.latency_fn is not None else None
+        latency_ms = self.cost(widths, "latency") if self.latency_fn is not None else None
         if self.reward_mode == "budget_accuracy":
             reward = accuracy
         elif self.reward_mode == "trade_off":
             # accuracy / cost, cost relative to dense: the plan's trade-off, scale-free
             reward = accuracy / max(self.cost(widths, self.reward_cost) / self.cost(self.dense_widths, self.reward_cost), 1e-9)
         else:  # AMC: -error * log(cost); FLOPs as in AMC, latency in microseconds so the log stays positive
-            amc_cost = {"macs": 2.0 * macs, "params": count_parameters(self.config, widths=named), "latency": 1e3 * (latency_ms or 0.0)}
+            amc_cost = {"macs": 2.0 * macs, "params": params, "latency": 1e3 * (latency_ms or 0.0)}
             reward = -(1.0 - accuracy) * math.log(max(amc_cost[self.reward_cost], 1.0))
         return {
             "reward": float(reward),
@@ -274,7 +274,7 @@ class PruningEnv(gym.Env):
             "keep_ratios": [w / d for w, d in zip(widths, self.dense_widths)],
             "macs": macs,
             "macs_ratio": macs / self.dense_macs,
-            "params": count_parameters(self.config, widths=named),
+            "params": params,
             "cost_ratio": cost_ratio,
             "latency_ms": latency_ms,
             "budget": self.target,

@@ -173,13 +173,8 @@ class RewardEvaluator:
             mask_multipliers(base, masks_from_widths(base, widths, self.importance, taylor=self._taylor, seed=self.seed))
             for widths in candidates
         ]
-        names = {name for factors in multipliers for name in factors}
-        tensors = {**dict(base.named_parameters()), **dict(base.named_buffers())}
-        # (K, *broadcastable shape) per masked tensor; a tensor a candidate leaves whole gets ones
-        stacked_multipliers = {
-            name: torch.stack([factors.get(name, torch.ones((1,) * tensors[name].dim(), device=self._device)) for factors in multipliers])
-            for name in names
-        }
+        # (K, *broadcastable shape) per masked tensor: every candidate masks every group, so all share the same names
+        stacked_multipliers = {name: torch.stack([factors[name] for factors in multipliers]) for name in multipliers[0]}
         count = len(candidates)
         params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
             name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)

@@ -44,7 +44,8 @@ from hf_rlprune.tasks import (
 )
 
 logger = logging.getLogger("hf_rlprune.benchmark")
-METHODS = ("ppo", "random", "uniform", "oneshot", "ppo_latency", "random_oneshot")
+MACS_METHODS = ("ppo", "random", "uniform", "oneshot")  # the MACs-budget comparison, and the default
+METHODS = (*MACS_METHODS, "ppo_latency", "random_oneshot")
 
 
 @dataclass
@@ -63,7 +64,7 @@ class BenchmarkArguments:
     batch_size: int = field(default=128, metadata={"help": "Batch size of pre-training and fine-tuning."})
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "MACs budgets (fractions of dense)."})
     methods: list[str] = field(
-        default_factory=lambda: list(METHODS[:4]),
+        default_factory=lambda: list(MACS_METHODS),
         metadata={"help": f"Among {METHODS}; ppo_latency's budget is a fraction of the dense ORT CPU latency at batch 128, not of MACs; "
                           "random_oneshot fine-tunes one random allocation per seed (run many seeds: the best is the head-room)."},
     )
@@ -298,7 +299,7 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
     os.makedirs(args.cards_dir, exist_ok=True)
     for budget in sorted({r["budget"] for r in results["runs"]}, reverse=True):
         # MACs-budget methods only: ppo_latency's budget is a latency fraction, random_oneshot a head-room probe
-        runs = [r for r in results["runs"] if r["budget"] == budget and r["method"] in METHODS[:4]]
+        runs = [r for r in results["runs"] if r["budget"] == budget and r["method"] in MACS_METHODS]
         if not runs:
             continue
         best = max(runs, key=lambda r: r["test_accuracy"])

@@ -21,10 +21,10 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import RLPruneCallback, RLPruneConfig
+from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
 from hf_rlprune.card import save_pruned_model, update_trade_off
 from hf_rlprune.pruning import compare_latency, export_onnx
-from hf_rlprune.pruning.latency_table import LatencyTable, default_cache_dir
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
@@ -111,9 +111,7 @@ def check_budget(model, prune: RLPruneConfig, training: TrainingArguments):
     table, budget = None, prune
     if prune.uses_latency:
         with training.main_process_first(desc="latency table"):
-            table = LatencyTable.build(model.config, runtime=prune.latency_runtime, batch_size=prune.latency_batch_size,
-                                       device=prune.latency_device, threads=prune.latency_threads,
-                                       cache_dir=prune.latency_cache_dir or default_cache_dir())
+            table = build_latency_table(model.config, prune)
         budget = replace(prune)  # resolve target_latency_ms on a copy: the callback resolves it itself
         budget.resolve_target_latency(table.dense_ms)
     check_config_budget(model, budget, table)

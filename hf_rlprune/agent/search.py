@@ -52,7 +52,8 @@ def _env_info(infos: dict, index: int) -> dict:
     """Sub-environment `index`'s info out of gymnasium's vector info (arrays over envs, `_key` masks)."""
     info = {}
     for key, value in infos.items():
-        if key.startswith("_") or not infos.get(f"_{key}", np.ones(index + 1, dtype=bool))[index]:
+        present = infos.get(f"_{key}")
+        if key.startswith("_") or (present is not None and not present[index]):
             continue
         if isinstance(value, dict):
             info[key] = _env_info(value, index)
