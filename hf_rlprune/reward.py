@@ -8,8 +8,9 @@ same weights, the same recovery batches and the same reward batches, so rewards 
 Candidates are evaluated several at a time: masked sub-networks share the dense shapes, so their weights stack
 along a new leading dimension and `torch.func.vmap` trains and measures all of them in one pass per batch (convs
 become grouped convs, linears batched matmuls). Adam is elementwise, so one Adam over the stacked weights is K
-independent recoveries. torch has no vmap rule for its fused recurrent kernels (`aten::lstm`), so models with
-LSTMs are evaluated one candidate at a time, on the same code path otherwise.
+independent recoveries. torch has no vmap rule for its fused recurrent kernel (`aten::lstm`): `batched_lstm`
+supplies one, running K stacked LSTMs as one block-diagonal LSTM. Other recurrent layers (GRU, several layers in
+one module, bidirectional) are evaluated one candidate at a time, on the same code path otherwise.
 """
 
 import contextlib
@@ -19,15 +20,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .batched_lstm import is_stackable_lstm, stackable_lstms
 from .pruning import TaylorAccumulator, apply_masks, get_masks, mask_multipliers, masks_from_widths, remove_masks
-
-# Modules whose ops have no vmap batching rule: their candidates are evaluated one at a time.
-NOT_STACKABLE = (nn.RNNBase,)
 
 
 def supports_stacked_candidates(model: nn.Module) -> bool:
-    """Whether several masked copies of `model` can be trained and measured in one vmapped pass."""
-    return not any(isinstance(module, NOT_STACKABLE) for module in model.modules())
+    """Whether several masked copies of `model` can be trained and measured in one vmapped pass: every recurrent
+    layer must be one `batched_lstm` has a batching rule for (torch has none)."""
+    return all(is_stackable_lstm(module) for module in model.modules() if isinstance(module, nn.RNNBase))
 
 
 def move_to_device(batch: dict, device) -> dict:
@@ -164,6 +164,10 @@ class RewardEvaluator:
 
     def _evaluate_stacked(self, candidates: list[dict[str, int]]) -> list[float]:
         """Train and measure K masked copies at once: weights stacked to (K, ...), one vmapped forward per batch."""
+        with stackable_lstms(self._scratch):
+            return self._evaluate_stacked_pass(candidates)
+
+    def _evaluate_stacked_pass(self, candidates: list[dict[str, int]]) -> list[float]:
         base = self._scratch
         remove_masks(base)
         base.load_state_dict(self._snapshot)

@@ -3,10 +3,12 @@
 
     python scripts/bench_reward.py                      # CPU
     python scripts/bench_reward.py --device cuda        # GPU, bf16 autocast, as the benchmark runs it
+    python scripts/bench_reward.py --device cuda --model lstm --recovery_steps 50 --candidates_per_pass 1 4 8
 
-Each candidate is a random allocation of the reference CIFAR-10 CNN, recovered for `recovery_steps` Adam steps on
-batches of 128 random images and measured on `reward_batches` batches, exactly as RewardEvaluator does in a search.
-Prints milliseconds per candidate for each K and checks that every K gives the same rewards.
+Each candidate is a random allocation of the reference CIFAR-10 CNN (or IMDB LSTM: random token ids, `seq_len`
+long), recovered for `recovery_steps` Adam steps on batches of 128 random inputs and measured on `reward_batches`
+batches, exactly as RewardEvaluator does in a search. LSTM candidates stack as one block-diagonal LSTM
+(hf_rlprune.batched_lstm). Prints milliseconds per candidate for each K and how far each K's rewards are from K=1's.
 """
 
 import json
@@ -17,13 +19,16 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
-from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune.pruning import get_prunable_groups
 from hf_rlprune.reward import RewardEvaluator
 
 
 @dataclass
 class BenchRewardArguments:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    model: str = field(default="cnn", metadata={"help": "cnn (reference CIFAR-10 CNN) or lstm (reference IMDB LSTM)."})
+    seq_len: int = field(default=512, metadata={"help": "LSTM only: tokens per example (the IMDB benchmark's max_length)."})
     candidates: int = field(default=16, metadata={"help": "Candidate allocations timed per setting."})
     candidates_per_pass: list[int] = field(default_factory=lambda: [1, 8, 16], metadata={"help": "K values (1: one at a time)."})
     recovery_steps: int = field(default=40, metadata={"help": "Recovery steps per candidate (the CIFAR-10 benchmark's)."})
@@ -31,9 +36,17 @@ class BenchRewardArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the data and the allocations."})
 
 
-def random_batches(count: int, generator: torch.Generator) -> list[dict]:
+def random_batches(args, config, count: int, generator: torch.Generator) -> list[dict]:
+    if args.model == "lstm":
+        return [{"input_ids": torch.randint(1, config.vocab_size, (128, args.seq_len), generator=generator),
+                 "labels": torch.randint(0, 2, (128,), generator=generator)} for _ in range(count)]
     return [{"pixel_values": torch.randn(128, 3, 32, 32, generator=generator), "labels": torch.randint(0, 10, (128,), generator=generator)}
             for _ in range(count)]
+
+
+def random_allocation(model, rng: np.random.Generator) -> dict[str, int]:
+    """Each group keeps between an eighth and all of its units."""
+    return {group.name: int(rng.integers(max(1, group.width // 8), group.width + 1)) for group in get_prunable_groups(model)}
 
 
 def main(argv=None) -> dict:
@@ -41,12 +54,17 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(args.seed)
-    model = RLPruneCNNForImageClassification(RLPruneCNNConfig()).to(device)
+    if args.model not in ("cnn", "lstm"):
+        raise ValueError(f"--model {args.model!r} is unknown; use cnn or lstm.")
+    if args.model == "lstm":
+        model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(max_seq_length=args.seq_len)).to(device)
+    else:
+        model = RLPruneCNNForImageClassification(RLPruneCNNConfig()).to(device)
     generator = torch.Generator().manual_seed(args.seed)
-    reward_batches, recovery_batches = random_batches(args.reward_batches, generator), random_batches(10, generator)
+    reward_batches = random_batches(args, model.config, args.reward_batches, generator)
+    recovery_batches = random_batches(args, model.config, 10, generator)
     rng = np.random.default_rng(args.seed)
-    candidates = [{"conv_blocks.0": int(rng.integers(4, 33)), "conv_blocks.1": int(rng.integers(8, 65)),
-                   "hidden_layers.0": int(rng.integers(32, 513))} for _ in range(args.candidates)]
+    candidates = [random_allocation(model, rng) for _ in range(args.candidates)]
     results, reference = {}, None
     for per_pass in args.candidates_per_pass:
         evaluator = RewardEvaluator(reward_batches, recovery_batches, recovery_steps=args.recovery_steps, candidates_per_pass=per_pass,

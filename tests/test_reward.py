@@ -81,18 +81,41 @@ def test_candidates_nest_inside_the_rounds_masks(trained_cnn):
     assert same == wider_than_alive
 
 
-def test_lstm_candidates_are_evaluated_one_at_a_time():
+def counting_batches(num_batches, batch_size, seed, vocab_size=20, steps=12):
+    """A learnable sequence task with right padding: is token 3 more frequent than token 4?"""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        lengths = torch.randint(4, steps + 1, (batch_size,), generator=generator)  # (B,)
+        attention_mask = (torch.arange(steps)[None] < lengths[:, None]).long()  # (B, T)
+        input_ids = torch.randint(3, vocab_size, (batch_size, steps), generator=generator) * attention_mask
+        labels = ((input_ids == 3).sum(1) > (input_ids == 4).sum(1)).long()  # (B,)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return batches
+
+
+def test_stacked_lstm_candidates_match_one_at_a_time():
+    # The block-diagonal LSTM rule (batched_lstm) stacks LSTM candidates; dropout and the padding gather stay exact.
     torch.manual_seed(0)
-    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=30, embedding_dim=8, lstm_hidden_sizes=[6], hidden_sizes=[4]))
-    assert not supports_stacked_candidates(model)  # torch has no vmap rule for aten::lstm
-    generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(1, 30, (8, 5), generator=generator), "labels": torch.randint(0, 2, (8,), generator=generator)}]
-    reward = RewardEvaluator(batches, batches, recovery_steps=2, candidates_per_pass=4, stack_candidates=True)
-    reward.begin_round(model)
-    widths = [{"lstm_layers.0": 2}, {"lstm_layers.0": 6}, {"embeddings": 1}]
-    accuracies = reward.evaluate_batch(widths)
-    assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies) and reward.evaluations == 3
-    assert reward(widths[2]) == accuracies[2]  # deterministic, whatever came before
+    config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2)
+    model = RLPruneLSTMForSequenceClassification(config)
+    assert supports_stacked_candidates(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in counting_batches(150, 32, seed=1):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    candidates = [{"lstm_layers.0": 16}, {"lstm_layers.0": 4, "embeddings": 3}, {"hidden_layers.0": 2},
+                  {"lstm_layers.0": 1, "embeddings": 1, "hidden_layers.0": 1}]
+    rewards = []
+    for per_pass in (1, 4, 3):
+        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(3, 32, seed=3), recovery_steps=6, recovery_lr=3e-3,
+                                 candidates_per_pass=per_pass, stack_candidates=True)
+        reward.begin_round(model)
+        rewards.append(reward.evaluate_batch(candidates))
+    assert rewards[0][0] > 0.8 and rewards[0][3] < rewards[0][0]  # a real task: width matters
+    assert rewards[1] == pytest.approx(rewards[0], abs=1 / 256 + 1e-9)  # at most one of 256 predictions may flip on rounding
+    assert rewards[2] == pytest.approx(rewards[1], abs=1 / 256 + 1e-9)
 
 
 def test_evaluator_errors_name_the_fix(trained_cnn):
