@@ -272,7 +272,7 @@ def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=1e-3, lr_d
         if eval_tensors is not None:
             accuracy = tensor_accuracy(model, eval_tensors, autocast_dtype=autocast_dtype)
             history.append(accuracy)
-            log(f"epoch {epoch + 1}: loss {float(loss):.4f} held-out accuracy {accuracy:.4f}")
+            log(f"epoch {epoch + 1}: loss {float(loss.detach()):.4f} held-out accuracy {accuracy:.4f}")
             if accuracy > best_accuracy:
                 best_accuracy, stale = accuracy, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -331,25 +331,29 @@ def merge_results(paths: list[str]) -> dict:
     return merged
 
 
-def main(argv=None):
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.report_only:
-        return write_outputs(merge_results(args.report_only), args)
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
-    if args.cpu_small:
-        args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
-        args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2
-        args.latency_runs, args.max_length = 1, min(args.max_length, 128)
-    os.makedirs(args.output_dir, exist_ok=True)
+@dataclass
+class TaskSetup:
+    """What every run of a benchmark shares: the device, the data on it, and the dense reference model."""
+
+    device: torch.device
+    autocast: torch.dtype | None
+    data: object  # hf_rlprune.tasks.TaskData
+    tensors: dict  # split -> tensors on the device
+    dense: torch.nn.Module
+    name: str
+    history: list  # reward-split accuracy per pre-training epoch (empty when loaded)
+    pretrain_seconds: float
+    dense_accuracy: float
+
+
+def setup_task(args: BenchmarkArguments) -> TaskSetup:
+    """Load the data onto the device once, then pre-train the dense model with the plan's recipe (seed 0, so every
+    script rebuilds the same one) or load it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     set_seed(0)
-    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     data = prepare_task(args.task, args.dataset_dir, reward_size=args.reward_size, seed=0,
                         max_train_samples=args.max_train_samples, max_length=args.max_length)
     pad_token_id = getattr(data.processing_class, "pad_token_id", None) or 0
@@ -370,22 +374,40 @@ def main(argv=None):
     pretrain_seconds = time.perf_counter() - start
     dense_accuracy = tensor_accuracy(dense, tensors["test"], autocast_dtype=autocast)
     logger.info("dense %s: test accuracy %.4f after %.1fs", name, dense_accuracy, pretrain_seconds)
-    data_info = {"dense_accuracy": dense_accuracy}
+    return TaskSetup(device, autocast, data, tensors, dense, name, history, pretrain_seconds, dense_accuracy)
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.report_only:
+        return write_outputs(merge_results(args.report_only), args)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
+    if args.cpu_small:
+        args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
+        args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2
+        args.latency_runs, args.max_length = 1, min(args.max_length, 128)
+    os.makedirs(args.output_dir, exist_ok=True)
+    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    setup = setup_task(args)
+    dense, device = setup.dense, setup.device
     results = {
-        "name": name, "task": args.task, "command": command,
+        "name": setup.name, "task": args.task, "command": command,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "args": {k: v for k, v in vars(args).items()},
-        "dense": {"accuracy": dense_accuracy, "macs": compute_macs(dense), "params": count_parameters(dense),
-                  "pretrain_seconds": pretrain_seconds, "pretrain_reward_accuracy_per_epoch": history,
+        "dense": {"accuracy": setup.dense_accuracy, "macs": compute_macs(dense), "params": count_parameters(dense),
+                  "pretrain_seconds": setup.pretrain_seconds, "pretrain_reward_accuracy_per_epoch": setup.history,
                   "latency_ms": {k: v["dense"] for k, v in latency_figures(dense, dense, device).items()}},
         "runs": [],
     }
     for budget in args.budgets:
         for method in args.methods:
             for index, seed in enumerate(args.seeds):
-                results["runs"].append(run_one(args, dense, data_info, tensors, method, budget, seed, device, autocast,
-                                               measure_latency_now=index < args.latency_runs))
-                with open(os.path.join(args.output_dir, f"{name}.partial.json"), "w") as handle:  # survives a cut-off run
+                results["runs"].append(run_one(args, dense, {"dense_accuracy": setup.dense_accuracy}, setup.tensors, method, budget, seed,
+                                               device, setup.autocast, measure_latency_now=index < args.latency_runs))
+                with open(os.path.join(args.output_dir, f"{setup.name}.partial.json"), "w") as handle:  # survives a cut-off run
                     json.dump(results, handle)
     return write_outputs(results, args)
 

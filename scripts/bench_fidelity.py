@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Reward fidelity against recovery length: how well the search's reward ranks allocations by their accuracy after
+full fine-tuning, and what each recovery length costs per candidate.
+
+    python scripts/bench_fidelity.py --task cifar10 --dataset_dir ../shared/data/cifar10 \
+        --policies_from results/raw/cifar10-random-oneshot-b25.json --fidelity_recovery_steps 0 20 40 100 200
+
+The policies are the random one-shot allocations of a `benchmark.py --methods random_oneshot` run: diverse
+allocations at one budget, each already fine-tuned with the full recipe (its test accuracy is in that file). Here
+each is scored again from the same dense model (rebuilt by benchmark.py's seed-0 pre-training, or loaded with
+--dense_model_path; its test accuracy must match the file's) by RewardEvaluator with each recovery length. All
+candidates share one set of recovery batches and the reward split, as within one search round. (The benchmark's
+callback measured its rewards after the first fine-tuning step, with per-seed recovery batches, so the file's own
+rewards differ slightly from these.) Prints the Spearman correlation of reward with test accuracy and the
+milliseconds per candidate, and writes them to --output.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser
+
+from benchmark import BenchmarkArguments, setup_task, spearman  # scripts/ is on sys.path when run as a script
+from hf_rlprune import RLPruneConfig
+from hf_rlprune.pruning import widths_from_keep_ratios
+from hf_rlprune.reward import RewardEvaluator
+from hf_rlprune.tasks import DeviceBatchCollator, IndexDataset
+
+logger = logging.getLogger("hf_rlprune.bench_fidelity")
+
+
+@dataclass
+class FidelityArguments(BenchmarkArguments):
+    policies_from: str = field(default="results/raw/cifar10-random-oneshot-b25.json",
+                               metadata={"help": "A benchmark.py results JSON whose random_oneshot runs are the policies."})
+    fidelity_recovery_steps: list[int] = field(default_factory=lambda: [0, 20, 40, 100, 200],
+                                               metadata={"help": "Recovery lengths (Adam steps per candidate) to compare."})
+    output: str = field(default="results/fidelity.json", metadata={"help": "Where the JSON results go."})
+
+
+def load_policies(path: str, task: str) -> tuple[list[dict], float]:
+    """The random_oneshot runs of a results file (policy keep ratios, test accuracy) and the dense test accuracy."""
+    with open(path) as handle:
+        results = json.load(handle)
+    if results.get("task") != task:
+        raise ValueError(f"{path} holds task {results.get('task')!r}, not {task!r}; pass --task {results.get('task')}.")
+    runs = [run for run in results["runs"] if run["method"] == "random_oneshot"]
+    if len(runs) < 3:
+        raise ValueError(f"{path} has {len(runs)} random_oneshot runs; a rank correlation needs at least 3 "
+                         "(run benchmark.py --methods random_oneshot --seeds 0 1 ... 19).")
+    return runs, results["dense"]["accuracy"]
+
+
+def recovery_batches(setup, steps: int, batch_size: int, seed: int = 0) -> list[dict]:
+    """`steps` shuffled, augmented training batches, the same for every candidate and recovery length."""
+    train = setup.tensors["train"]
+    loader = DataLoader(IndexDataset(len(train["labels"])), batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed), collate_fn=DeviceBatchCollator(train, train=True, seed=seed))
+    batches = []
+    while len(batches) < steps:
+        batches += [batch for _, batch in zip(range(steps - len(batches)), loader)]
+    return batches
+
+
+def main(argv=None) -> dict:
+    (args,) = HfArgumentParser(FidelityArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if any(steps < 0 for steps in args.fidelity_recovery_steps):
+        raise ValueError(f"--fidelity_recovery_steps {args.fidelity_recovery_steps} must all be >= 0.")
+    runs, file_dense_accuracy = load_policies(args.policies_from, args.task)
+    setup = setup_task(args)
+    if abs(setup.dense_accuracy - file_dense_accuracy) > 1e-4:
+        raise ValueError(f"The dense model's test accuracy {setup.dense_accuracy:.4f} differs from {file_dense_accuracy:.4f} in "
+                         f"{args.policies_from}: these policies were fine-tuned from another dense model. Pass the same "
+                         "--dense_model_path / pre-training arguments as that run.")
+    prune = RLPruneConfig()  # the callback's defaults: reward batch size, recovery lr, importance, candidates per pass
+    reward = DataLoader(IndexDataset(len(setup.tensors["reward"]["labels"])), batch_size=prune.reward_batch_size,
+                        collate_fn=DeviceBatchCollator(setup.tensors["reward"], train=False))
+    reward_batches = list(reward)
+    candidates = [widths_from_keep_ratios(setup.dense, run["report"]["policy"]) for run in runs]
+    accuracies = [run["test_accuracy"] for run in runs]
+    shared_batches = recovery_batches(setup, max(args.fidelity_recovery_steps + [1]), args.batch_size)
+    rows = []
+    for steps in args.fidelity_recovery_steps:
+        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, 1)], recovery_steps=steps, recovery_lr=prune.recovery_lr,
+                                    importance=prune.importance, autocast_dtype=setup.autocast, candidates_per_pass=prune.candidates_per_pass)
+        evaluator.begin_round(setup.dense)
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        rewards = evaluator.evaluate_batch(candidates)
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()
+        rows.append({"recovery_steps": steps, "spearman": spearman(rewards, accuracies),
+                     "ms_per_candidate": 1000 * (time.perf_counter() - start) / len(candidates), "rewards": rewards})
+        logger.info("recovery %d steps: Spearman %.2f, %.1f ms per candidate", steps, rows[-1]["spearman"], rows[-1]["ms_per_candidate"])
+    budgets = sorted({run["budget"] for run in runs})
+    lines = [f"Reward fidelity on {setup.name} ({len(runs)} random one-shot allocations at MACs budget(s) {budgets}, each fine-tuned "
+             f"in {args.policies_from}; device {setup.device.type}):", "",
+             "| recovery steps | Spearman (reward vs test accuracy after fine-tuning) | ms per candidate |", "|---|---|---|"]
+    lines += [f"| {row['recovery_steps']} | {row['spearman']:.2f} | {row['ms_per_candidate']:.1f} |" for row in rows]
+    print("\n".join(lines))
+    summary = {"command": "python scripts/bench_fidelity.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+               "device": torch.cuda.get_device_name(0) if setup.device.type == "cuda" else "cpu",
+               "dense_accuracy": setup.dense_accuracy, "policies": [run["report"]["policy"] for run in runs],
+               "test_accuracies": accuracies, "rows": rows, "table": "\n".join(lines)}
+    with open(args.output, "w") as handle:
+        json.dump(summary, handle, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

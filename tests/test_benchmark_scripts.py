@@ -1,0 +1,71 @@
+"""The benchmark scripts end to end on synthetic data: benchmark.py's random one-shot runs feed bench_fidelity.py."""
+
+import copy
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from hf_rlprune.data import make_synthetic_cifar
+from hf_rlprune.pruning import apply_masks, masks_from_widths, widths_from_keep_ratios
+from hf_rlprune.reward import batched_accuracy
+from hf_rlprune.tasks import DeviceBatchCollator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """A local folder in the Hub's parquet layout, as `load_dataset(folder)` reads ../shared/data/cifar10."""
+    root = tmp_path_factory.mktemp("cifar10")
+    (root / "plain_text").mkdir()
+    for split, dataset in make_synthetic_cifar(600, 200, seed=0).items():
+        dataset.to_parquet(str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # bench_fidelity imports benchmark, as when run from scripts/
+    return importlib.import_module("benchmark"), importlib.import_module("bench_fidelity")
+
+
+def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir, scripts):
+    benchmark, bench_fidelity = scripts
+    common = ["--task", "cifar10", "--dataset_dir", str(cifar_dir), "--batch_size", "32"]
+    dense_dir = str(tmp_path / "dense")
+    benchmark.main(common + ["--pretrain_epochs", "4", "--save_dense_to", dense_dir, "--methods", "random_oneshot", "--budgets", "0.25", "--seeds", "0", "1", "2", "--finetune_epochs", "1",
+                             "--recovery_steps", "0", "--latency_runs", "0", "--output_dir", str(tmp_path / "bench"),
+                             "--cards_dir", str(tmp_path / "cards")])
+    policies = tmp_path / "bench" / "cifar10.json"
+    runs = json.loads(policies.read_text())["runs"]
+    assert len({json.dumps(run["report"]["policy"], sort_keys=True) for run in runs}) == 3  # three different random allocations
+
+    summary = bench_fidelity.main(common + ["--dense_model_path", dense_dir, "--policies_from", str(policies), "--fidelity_recovery_steps", "0", "4",
+                                            "--output", str(tmp_path / "fidelity.json")])
+    written = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [row["rewards"] for row in written["rows"]] == [row["rewards"] for row in summary["rows"]]
+    assert summary["test_accuracies"] == [run["test_accuracy"] for run in runs]
+    no_recovery, recovered = summary["rows"]
+    assert (no_recovery["recovery_steps"], recovered["recovery_steps"]) == (0, 4)
+    # Without recovery a reward is the reward-split accuracy of the dense model masked to the policy's widths.
+    args = bench_fidelity.FidelityArguments(task="cifar10", dataset_dir=str(cifar_dir), dense_model_path=dense_dir, batch_size=32)
+    setup = benchmark.setup_task(args)
+    reward_batches = [DeviceBatchCollator(setup.tensors["reward"], train=False)(range(start, min(start + 256, count)))
+                      for count in [len(setup.tensors["reward"]["labels"])] for start in range(0, count, 256)]
+    expected = []
+    for run in runs:
+        masked = copy.deepcopy(setup.dense)
+        apply_masks(masked, masks_from_widths(masked, widths_from_keep_ratios(masked, run["report"]["policy"])))
+        expected.append(batched_accuracy(masked, reward_batches))
+    assert no_recovery["rewards"] == pytest.approx(expected, abs=1e-9)
+    assert len(set(expected)) > 1  # the allocations differ in accuracy: the comparison can fail
+    assert recovered["rewards"] != no_recovery["rewards"] and all(0.0 <= r <= 1.0 for r in recovered["rewards"])
+    assert all(math.isnan(row["spearman"]) or -1.0 <= row["spearman"] <= 1.0 for row in summary["rows"])
+
+    with pytest.raises(ValueError, match="another dense model"):  # a differently trained dense model is refused
+        bench_fidelity.main(common + ["--pretrain_epochs", "1", "--policies_from", str(policies), "--output", str(tmp_path / "other.json")])
+    with pytest.raises(ValueError, match="task 'cifar10'"):
+        bench_fidelity.main(["--task", "imdb", "--policies_from", str(policies)])
