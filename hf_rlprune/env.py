@@ -40,7 +40,8 @@ class PruningEnv(gym.Env):
         max_keep: per-group caps (list, group order), e.g. what earlier pruning rounds left alive.
         latency_fn: `widths -> milliseconds`, required for budget_kind="latency" or reward_cost="latency".
         fill_budget: scale the episode's allocation up, keeping its proportions, until the budget is used, so the
-            agent chooses how to spend the budget rather than whether to.
+            agent chooses how to spend the budget rather than whether to. Snapped widths are then topped up one
+            multiple at a time (the group furthest below its share first) while the budget holds.
         width_multiple: snap kept widths down to a multiple of this (hardware-friendly), never below one multiple
             or the group width.
         seq_len: sequence length for the LSTM's MACs (default: the model's max length).
@@ -243,11 +244,29 @@ class PruningEnv(gym.Env):
                 out.append(min(max(width, widths[idx]), self.max_widths[idx]))
             return out
 
+        def fits(candidate):
+            return self.cost(candidate) <= self.budget * (1 + 1e-9)
+
         low, high = 1.0, 1.0 / max(min(ratios), 1e-6)
         for _ in range(30):  # bisection on the common scale; cost is monotone in it
             middle = (low + high) / 2
-            low, high = (middle, high) if self.cost(scaled(middle)) <= self.budget * (1 + 1e-9) else (low, middle)
-        return scaled(low)
+            low, high = (middle, high) if fits(scaled(middle)) else (low, middle)
+        filled = scaled(low)
+        if self.width_multiple == 1:
+            return filled  # every group then stops at most one unit short of its share
+        # Snapped widths move in whole multiples, so the common scale stops where the next step of any one group would
+        # overshoot, however much budget the others could still use. Top up one multiple at a time, the group furthest
+        # below its proportional share first, while the budget holds.
+        while True:
+            behind = sorted(range(len(filled)), key=lambda idx: filled[idx] / (ratios[idx] * self.dense_widths[idx]))
+            for idx in behind:
+                grown = list(filled)
+                grown[idx] = min(self._snap(filled[idx] + self.width_multiple, idx), self.max_widths[idx])
+                if grown[idx] > filled[idx] and fits(grown):
+                    filled = grown
+                    break
+            else:
+                return filled
 
     def evaluate(self, widths: list[int]) -> dict:
         """Accuracy, cost and reward of one allocation (a list of widths in group order)."""

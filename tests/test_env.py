@@ -82,6 +82,20 @@ def test_fill_budget_uses_the_budget_and_keeps_proportions_roughly():
     assert raw["macs_ratio"] < 0.05
 
 
+def test_fill_tops_up_snapped_widths_until_no_multiple_fits():
+    # 50% of the MACs in multiples of 8: the common scale alone stops where the next step of one group overshoots.
+    config = RLPruneCNNConfig()
+    for actions in ([1.0, 0.5, 0.2], [0.3, 0.9, 0.1], [0.1, 0.1, 0.1]):
+        env = PruningEnv(config, constant_accuracy, target=0.5, width_multiple=8)
+        _, info = run_episode(env, actions)
+        widths = list(info["widths"].values())
+        assert compute_macs(config, widths=info["widths"]) <= 0.5 * compute_macs(config)
+        for idx, group in enumerate(env.groups):  # maximal: one more multiple in any group breaks the budget
+            if widths[idx] < group.width:
+                grown = dict(info["widths"], **{group.name: min(widths[idx] + 8, group.width)})
+                assert compute_macs(config, widths=grown) > 0.5 * compute_macs(config), (actions, group.name, widths)
+
+
 def test_budget_wall_clips_greedy_early_layers():
     env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.25, fill_budget=False)
     _, info = run_episode(env, [1.0, 1.0, 1.0])
