@@ -52,7 +52,9 @@ class RLPruneConfig:
     )
     search_episodes: int = field(default=64, metadata={"help": "Reward evaluations (search episodes) per round."})
     recovery_steps: int = field(
-        default=50, metadata={"help": "Training steps on each candidate before its reward is measured (0: measure right after masking)."}
+        default=50, metadata={"help": "Training steps on each candidate before its reward is measured (0: measure right after masking). "
+                                      "Longer recovery ranks candidates more like full fine-tuning does, at proportional search cost "
+                                      "(reference CNN: Spearman 0.60 at 40 steps, 0.82 at 200; scripts/bench_fidelity.py)."}
     )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
