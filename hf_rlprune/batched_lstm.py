@@ -9,7 +9,9 @@ the K copies (K^2 x one), bought back by one kernel launch per step instead of K
 
 Use `with stackable_lstms(model):` around `vmap(functional_call(model, ...))`: inside it, the model's plain LSTMs
 run through `BlockDiagonalLSTM`, whose `vmap` staticmethod is the batching rule. Outside vmap the function is the
-ordinary LSTM (its backward recomputes the forward), so the model gives the same results either way.
+ordinary LSTM (its backward recomputes the forward, under the same autocast), so the model gives the same results
+either way. One level of vmap with ordinary autograd is what RewardEvaluator needs and what is supported; nested
+vmap and torch.func.grad over the rule are not.
 """
 
 import contextlib
@@ -63,12 +65,16 @@ class BlockDiagonalLSTM(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        device_type = inputs[0].device.type
+        # the forward ran under the caller's autocast; the recompute in backward must too (the engine runs without it)
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
 
     @staticmethod
     def backward(ctx, *output_grads):
         # Only reached outside vmap (inside it, autograd records the block-diagonal call itself): recompute the
         # forward with autograd on and differentiate it, as activation checkpointing does.
-        with torch.enable_grad():
+        device_type, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             leaves = [value.detach().requires_grad_(needed) for value, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
             outputs = _lstm(*leaves)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
@@ -112,7 +118,8 @@ def is_stackable_lstm(module: nn.Module) -> bool:
 
 def _stackable_forward(self, inputs, hx=None):
     if hx is not None or not torch.is_tensor(inputs) or inputs.dim() != 3:
-        raise ValueError("Stacked LSTM candidates need a (batch, time, features) tensor and no initial state.")
+        raise ValueError("Stacked LSTM candidates need a (batch, time, features) tensor and no initial state; evaluate "
+                         "candidates one at a time instead: RewardEvaluator(stack_candidates=False) or candidates_per_pass=1.")
     output, h_n, c_n = BlockDiagonalLSTM.apply(inputs, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
     return output, (h_n, c_n)
 
@@ -124,10 +131,14 @@ def stackable_lstms(model: nn.Module):
     unsupported = [type(module).__name__ for module in lstms if not is_stackable_lstm(module)]
     if unsupported:
         raise ValueError(f"Cannot stack {unsupported}: only one-layer, unidirectional, batch-first LSTMs with biases.")
+    previous = [module.__dict__.get("forward") for module in lstms]  # an instance's own forward, if it had one
     for module in lstms:
         module.forward = types.MethodType(_stackable_forward, module)  # an instance attribute shadows nn.LSTM.forward
     try:
         yield model
     finally:
-        for module in lstms:
-            del module.forward
+        for module, forward in zip(lstms, previous):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

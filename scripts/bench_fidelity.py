@@ -12,7 +12,8 @@ each is scored again from the same dense model (rebuilt by benchmark.py's seed-0
 candidates share one set of recovery batches and the reward split, as within one search round. (The benchmark's
 callback measured its rewards after the first fine-tuning step, with per-seed recovery batches, so the file's own
 rewards differ slightly from these.) Prints the Spearman correlation of reward with test accuracy and the
-milliseconds per candidate, and writes them to --output.
+milliseconds per candidate (after an untimed warm-up), and writes them to --output. Data and pre-training take
+benchmark.py's arguments; its method, seed and search arguments do nothing here, and --budgets picks the policies.
 """
 
 import json
@@ -42,15 +43,19 @@ class FidelityArguments(BenchmarkArguments):
     output: str = field(default="results/fidelity.json", metadata={"help": "Where the JSON results go."})
 
 
-def load_policies(path: str, task: str) -> tuple[list[dict], float]:
-    """The random_oneshot runs of a results file (policy keep ratios, test accuracy) and the dense test accuracy."""
+def load_policies(path: str, task: str, budgets: list[float]) -> tuple[list[dict], float]:
+    """The random_oneshot runs at one of `budgets` in a results file (policy keep ratios, test accuracy) and the
+    dense test accuracy. Allocations of different budgets are not ranked together: one budget per study."""
     with open(path) as handle:
         results = json.load(handle)
     if results.get("task") != task:
         raise ValueError(f"{path} holds task {results.get('task')!r}, not {task!r}; pass --task {results.get('task')}.")
-    runs = [run for run in results["runs"] if run["method"] == "random_oneshot"]
+    runs = [run for run in results["runs"] if run["method"] == "random_oneshot" and run["budget"] in budgets]
+    found = sorted({run["budget"] for run in runs})
+    if len(found) > 1:
+        raise ValueError(f"{path} has random_oneshot runs at budgets {found}; pick one with --budgets.")
     if len(runs) < 3:
-        raise ValueError(f"{path} has {len(runs)} random_oneshot runs; a rank correlation needs at least 3 "
+        raise ValueError(f"{path} has {len(runs)} random_oneshot runs at budgets {budgets}; a rank correlation needs at least 3 "
                          "(run benchmark.py --methods random_oneshot --seeds 0 1 ... 19).")
     return runs, results["dense"]["accuracy"]
 
@@ -60,6 +65,8 @@ def recovery_batches(setup, steps: int, batch_size: int, seed: int = 0) -> list[
     train = setup.tensors["train"]
     loader = DataLoader(IndexDataset(len(train["labels"])), batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=DeviceBatchCollator(train, train=True, seed=seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(train['labels'])} training rows are fewer than batch_size={batch_size}; lower --batch_size.")
     batches = []
     while len(batches) < steps:
         batches += [batch for _, batch in zip(range(steps - len(batches)), loader)]
@@ -71,7 +78,10 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if any(steps < 0 for steps in args.fidelity_recovery_steps):
         raise ValueError(f"--fidelity_recovery_steps {args.fidelity_recovery_steps} must all be >= 0.")
-    runs, file_dense_accuracy = load_policies(args.policies_from, args.task)
+    if args.cpu_small:
+        raise ValueError("--cpu_small is benchmark.py's shorthand; pass the settings it stands for (--max_train_samples 4000 "
+                         "--pretrain_epochs 3 --max_length 128) so the dense model matches that run's.")
+    runs, file_dense_accuracy = load_policies(args.policies_from, args.task, args.budgets)
     setup = setup_task(args)
     if abs(setup.dense_accuracy - file_dense_accuracy) > 1e-4:
         raise ValueError(f"The dense model's test accuracy {setup.dense_accuracy:.4f} differs from {file_dense_accuracy:.4f} in "
@@ -85,10 +95,16 @@ def main(argv=None) -> dict:
     accuracies = [run["test_accuracy"] for run in runs]
     shared_batches = recovery_batches(setup, max(args.fidelity_recovery_steps + [1]), args.batch_size)
     rows = []
-    for steps in args.fidelity_recovery_steps:
+
+    def evaluator_for(steps):
         evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, 1)], recovery_steps=steps, recovery_lr=prune.recovery_lr,
                                     importance=prune.importance, autocast_dtype=setup.autocast, candidates_per_pass=prune.candidates_per_pass)
         evaluator.begin_round(setup.dense)
+        return evaluator
+
+    evaluator_for(1).evaluate_batch(candidates[: prune.candidates_per_pass])  # untimed warm-up: kernels, allocator
+    for steps in args.fidelity_recovery_steps:
+        evaluator = evaluator_for(steps)
         if setup.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

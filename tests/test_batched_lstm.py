@@ -4,6 +4,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from hf_rlprune import RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune import batched_lstm
 from hf_rlprune.batched_lstm import BlockDiagonalLSTM, _block_diagonal_gates, is_stackable_lstm, stackable_lstms
 from hf_rlprune.reward import supports_stacked_candidates
 
@@ -65,6 +66,41 @@ def test_context_routes_the_models_lstms_through_the_rule_and_restores_them():
         logits = vmap(lambda p: functional_call(model, p, args=(input_ids,)).logits)(params)  # (2, B, 2)
     torch.testing.assert_close(logits, expected.expand(2, -1, -1))
     assert all("forward" not in vars(module) for module in model.modules())  # nn.LSTM.forward is back
+
+
+def test_context_restores_forward_on_error_and_when_nested():
+    lstm = nn.LSTM(WIDTH, HIDDEN, batch_first=True)
+    model = nn.Sequential(lstm)
+    with pytest.raises(RuntimeError, match="boom"), stackable_lstms(model):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(lstm)
+    with stackable_lstms(model):
+        patched = lstm.forward
+        with stackable_lstms(model):
+            pass
+        assert lstm.forward == patched  # the outer context's forward is back
+    assert "forward" not in vars(lstm)
+
+
+def test_unbatched_rule_recomputes_under_the_forwards_autocast(monkeypatch):
+    # Outside vmap, backward recomputes the LSTM: it must see the autocast state the forward saw.
+    seen = []
+    real = batched_lstm._lstm
+
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(*args)
+
+    monkeypatch.setattr(batched_lstm, "_lstm", spy)
+    lstm = lstm_copies()[0]
+    inputs = torch.randn(BATCH, STEPS, WIDTH)
+    params = dict(lstm.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):  # the state is recorded, whatever it is
+        output = apply_rule(params, inputs)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a different ambient state at backward time
+        output.sum().backward()
+    assert seen == [False, False]
+    assert params["weight_hh_l0"].grad is not None
 
 
 def test_unsupported_recurrent_layers_are_named():

@@ -69,3 +69,5 @@ def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir
         bench_fidelity.main(common + ["--pretrain_epochs", "1", "--policies_from", str(policies), "--output", str(tmp_path / "other.json")])
     with pytest.raises(ValueError, match="task 'cifar10'"):
         bench_fidelity.main(["--task", "imdb", "--policies_from", str(policies)])
+    with pytest.raises(ValueError, match=r"0 random_oneshot runs at budgets \[0.5\]"):  # --budgets picks the policies
+        bench_fidelity.main(common + ["--budgets", "0.5", "--policies_from", str(policies)])
