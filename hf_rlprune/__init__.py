@@ -9,6 +9,7 @@ from .models import (
 
 from .callback import RLPruneCallback
 from .config import RLPruneConfig
+from .distillation import DistillationTrainer
 from .env import PruningEnv, PruningVectorEnv
 from .pruning import (
     LatencyTable,
@@ -26,6 +27,7 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillationTrainer",
     "LatencyTable",
     "PruningEnv",
     "PruningVectorEnv",

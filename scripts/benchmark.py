@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_rlprune import RLPruneCallback, RLPruneConfig
+from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
@@ -61,6 +61,9 @@ class BenchmarkArguments:
     pretrain_patience: int | None = field(default=None, metadata={"help": "Stop pre-training after this many epochs without reward-split gain."})
     finetune_epochs: float = field(default=10, metadata={"help": "Epochs of pruning + fine-tuning, the same for every method."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate (cosine decay), the same for every method."})
+    distill_alpha: float = field(default=0.0, metadata={"help": "Distillation weight from the dense model while pruning and fine-tuning, "
+                                                               "the same for every method (0: none)."})
+    distill_temperature: float = field(default=4.0, metadata={"help": "Distillation temperature."})
     batch_size: int = field(default=128, metadata={"help": "Batch size of pre-training and fine-tuning."})
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "MACs budgets (fractions of dense)."})
     methods: list[str] = field(
@@ -132,8 +135,12 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
             save_strategy="no", report_to=[], logging_steps=200, seed=seed, bf16=autocast is torch.bfloat16,
             dataloader_pin_memory=False, dataloader_drop_last=True, use_cpu=device.type == "cpu", disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=training, train_dataset=IndexDataset(len(tensors["train"]["labels"])),
-                          data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed), callbacks=[callback])
+        distillation = {}
+        if args.distill_alpha > 0:  # the dense model teaches every method alike
+            distillation = dict(teacher=copy.deepcopy(dense), alpha=args.distill_alpha, temperature=args.distill_temperature)
+        trainer = (DistillationTrainer if distillation else Trainer)(
+            model=model, args=training, train_dataset=IndexDataset(len(tensors["train"]["labels"])),
+            data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed), callbacks=[callback], **distillation)
         start = time.perf_counter()
         trainer.train()
         total_seconds = time.perf_counter() - start

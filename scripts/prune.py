@@ -10,6 +10,7 @@ Arguments come from three dataclasses: ScriptArguments (below), hf_rlprune.RLPru
 The pruned model, its tokenizer/image processor, pruning_report.json and the model card land in <output_dir>/pruned.
 """
 
+import copy
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_rlprune import RLPruneCallback, RLPruneConfig
+from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
 from hf_rlprune.card import save_pruned_model, update_trade_off
@@ -61,6 +62,9 @@ class ScriptArguments:
     export_onnx: bool = field(default=False, metadata={"help": "Also write model.onnx of the pruned model."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure CPU latency (torch and ONNX Runtime) for the report."})
     smoke: bool = field(default=False, metadata={"help": "Whole pipeline in about a minute on CPU with small synthetic data."})
+    distill_alpha: float = field(default=0.0, metadata={"help": "Weight in [0, 1] of distillation from the dense model while pruning and "
+                                                               "fine-tuning (0: plain fine-tuning)."})
+    distill_temperature: float = field(default=4.0, metadata={"help": "Softening temperature of the distillation."})
 
 
 def parse_args(argv=None):
@@ -103,6 +107,9 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
         raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
     if script.model_preset not in CNN_PRESETS:
         raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
+    if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
+        raise ValueError(f"--distill_alpha {script.distill_alpha} must be in [0, 1] and --distill_temperature "
+                         f"{script.distill_temperature} > 0 (0 and 4: no distillation, the usual temperature).")
 
 
 def check_budget(model, prune: RLPruneConfig, training: TrainingArguments):
@@ -174,7 +181,10 @@ def main(argv=None):
 
     prune.save_on_train_end = False  # saved below, once the test accuracy is known
     callback = RLPruneCallback(prune, reward_dataset=task_data.reward, data_collator=task_data.eval_collator)
-    trainer = Trainer(
+    distillation = {}
+    if script.distill_alpha > 0:  # the dense model, frozen as it is now, teaches the pruned one
+        distillation = dict(teacher=copy.deepcopy(model), alpha=script.distill_alpha, temperature=script.distill_temperature)
+    trainer = (DistillationTrainer if distillation else Trainer)(
         model=model,
         args=training,
         train_dataset=task_data.train,
@@ -183,6 +193,7 @@ def main(argv=None):
         processing_class=task_data.processing_class,
         compute_metrics=accuracy_metric,
         callbacks=[callback],
+        **distillation,
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     pruned = trainer.model  # compacted in place by the callback

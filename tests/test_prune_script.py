@@ -82,7 +82,7 @@ def test_smoke_run_pushes_to_the_hub_and_loads_back(tmp_path, hub_server):  # no
 def test_smoke_cifar_run_with_onnx_export(tmp_path):
     prune = load_prune_script()
     report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
-                         "--target", "0.4"])
+                         "--target", "0.4", "--distill_alpha", "0.5"])  # distillation from the dense model: same outputs
     folder = tmp_path / "pruned"
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert report["macs"]["pruned"] <= 0.4 * report["macs"]["dense"]
@@ -102,6 +102,7 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
         (["--smoke", "--push_to_hub"], ValueError, "--hub_model_id"),
         (["--smoke", "--target", "0.001", "--min_keep", "0.5"], ValueError, "cannot be met"),
         (["--smoke", "--target", "1.5"], ValueError, "target"),
+        (["--smoke", "--distill_alpha", "1.5"], ValueError, "--distill_alpha 1.5 must be in"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
