@@ -36,6 +36,9 @@ class DistillationTrainer(Trainer):
         if not temperature > 0:
             raise ValueError(f"distillation temperature = {temperature} must be > 0 (4 is a common choice).")
         super().__init__(*args, **kwargs)
+        if self.label_smoother is not None:
+            raise ValueError("label_smoothing_factor > 0 and distillation both soften the targets; set label_smoothing_factor=0 "
+                             "or use the plain Trainer.")
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.alpha, self.temperature = float(alpha), float(temperature)
 
