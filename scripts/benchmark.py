@@ -344,7 +344,6 @@ class TaskSetup:
 
     device: torch.device
     autocast: torch.dtype | None
-    data: object  # hf_rlprune.tasks.TaskData
     tensors: dict  # split -> tensors on the device
     dense: torch.nn.Module
     name: str
@@ -381,7 +380,7 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
     pretrain_seconds = time.perf_counter() - start
     dense_accuracy = tensor_accuracy(dense, tensors["test"], autocast_dtype=autocast)
     logger.info("dense %s: test accuracy %.4f after %.1fs", name, dense_accuracy, pretrain_seconds)
-    return TaskSetup(device, autocast, data, tensors, dense, name, history, pretrain_seconds, dense_accuracy)
+    return TaskSetup(device, autocast, tensors, dense, name, history, pretrain_seconds, dense_accuracy)
 
 
 def main(argv=None):
