@@ -37,7 +37,7 @@ from .pruning import (
     masked_widths,
     masks_from_widths,
 )
-from .reward import RewardEvaluator, batched_accuracy, move_to_device
+from .reward import RewardEvaluator, batched_accuracy, move_to_device, take_batches
 
 logger = logging.getLogger(__name__)
 
@@ -217,13 +217,7 @@ class RLPruneCallback(TrainerCallback):
         generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)
         loader = DataLoader(self._train_dataset, batch_size=self._batch_size, shuffle=True, generator=generator,
                             collate_fn=self._train_collator, drop_last=len(self._train_dataset) > self._batch_size)
-        batches = []
-        while len(batches) < self.config.recovery_steps:
-            for batch in loader:
-                batches.append(batch)
-                if len(batches) == self.config.recovery_steps:
-                    break
-        return batches
+        return take_batches(loader, self.config.recovery_steps)
 
     def _make_env(self, model, target: float) -> PruningEnv:
         cfg = self.config

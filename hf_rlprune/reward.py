@@ -30,6 +30,17 @@ def supports_stacked_candidates(model: nn.Module) -> bool:
     return all(is_stackable_lstm(module) for module in model.modules() if isinstance(module, nn.RNNBase))
 
 
+def take_batches(loader, count: int) -> list:
+    """The first `count` batches of `loader`, starting it again as often as needed: a recovery schedule's batches."""
+    if count > 0 and len(loader) == 0:
+        raise ValueError(f"The training data gives no batch ({len(loader.dataset)} rows, batch size {loader.batch_size}); "
+                         "lower the batch size.")
+    batches = []
+    while len(batches) < count:
+        batches += [batch for _, batch in zip(range(count - len(batches)), loader)]  # range first: no extra batch drawn
+    return batches
+
+
 def move_to_device(batch: dict, device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 

@@ -28,7 +28,7 @@ from transformers import HfArgumentParser
 from benchmark import BenchmarkArguments, setup_task, spearman  # scripts/ is on sys.path when run as a script
 from hf_rlprune import RLPruneConfig
 from hf_rlprune.pruning import widths_from_keep_ratios
-from hf_rlprune.reward import RewardEvaluator
+from hf_rlprune.reward import RewardEvaluator, take_batches
 from hf_rlprune.tasks import DeviceBatchCollator, IndexDataset
 
 logger = logging.getLogger("hf_rlprune.bench_fidelity")
@@ -65,12 +65,7 @@ def recovery_batches(setup, steps: int, batch_size: int, seed: int = 0) -> list[
     train = setup.tensors["train"]
     loader = DataLoader(IndexDataset(len(train["labels"])), batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=DeviceBatchCollator(train, train=True, seed=seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(train['labels'])} training rows are fewer than batch_size={batch_size}; lower --batch_size.")
-    batches = []
-    while len(batches) < steps:
-        batches += [batch for _, batch in zip(range(steps - len(batches)), loader)]
-    return batches
+    return take_batches(loader, steps)
 
 
 def main(argv=None) -> dict:

@@ -3,7 +3,7 @@ import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import apply_masks, masks_from_widths
-from hf_rlprune.reward import RewardEvaluator, supports_stacked_candidates
+from hf_rlprune.reward import RewardEvaluator, supports_stacked_candidates, take_batches
 
 CANDIDATES = [
     {"conv_blocks.0": 8, "conv_blocks.1": 16, "hidden_layers.0": 32},  # the round's model, unpruned further
@@ -136,3 +136,11 @@ def test_candidates_are_stacked_on_cuda_only_by_default(trained_cnn, monkeypatch
 
     monkeypatch.setattr(reward, "_evaluate_stacked", refuse)
     assert len(reward.evaluate_batch(CANDIDATES)) == 4 and reward.evaluations == 4
+
+
+def test_take_batches_restarts_the_loader_and_names_an_empty_one():
+    loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2, drop_last=True)  # 2 batches per pass
+    assert [batch.tolist() for batch in take_batches(loader, 5)] == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
+    assert take_batches(loader, 0) == []
+    with pytest.raises(ValueError, match="no batch.*lower the batch size"):
+        take_batches(torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True), 1)
