@@ -64,9 +64,12 @@ def _inner_optimizer(optimizer):
 
 
 def build_latency_table(model_config, cfg: RLPruneConfig):
-    """The latency table `cfg` asks for (runtime, device, batch, threads), measured or loaded from its JSON cache."""
+    """The latency table `cfg` asks for: the deployment machine's file when `latency_table_path` is set, otherwise
+    measured here (runtime, device, batch, threads) or loaded from its JSON cache."""
     from .pruning.latency_table import LatencyTable, default_cache_dir
 
+    if cfg.latency_table_path is not None:
+        return LatencyTable.load_for(cfg.latency_table_path, model_config, cfg.latency_runtime, cfg.latency_batch_size)
     return LatencyTable.build(model_config, runtime=cfg.latency_runtime, batch_size=cfg.latency_batch_size, device=cfg.latency_device,
                               threads=cfg.latency_threads, cache_dir=cfg.latency_cache_dir or default_cache_dir())
 

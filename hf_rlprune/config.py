@@ -40,6 +40,12 @@ class RLPruneConfig:
     latency_cache_dir: str | None = field(
         default=None, metadata={"help": "Where latency tables are cached as JSON (default: ~/.cache/hf_rlprune/latency)."}
     )
+    latency_table_path: str | None = field(
+        default=None,
+        metadata={"help": "A latency table measured on the deployment machine (`scripts/bench_latency.py --save_tables DIR`), used "
+                          "instead of measuring here: train on a GPU host, prune for the CPU the model will serve on. Its runtime, "
+                          "batch size and model structure must match this run's; its device and threads are the deployment's."},
+    )
     method: str = field(
         default="ppo",
         metadata={"help": f"Who chooses the per-layer keep ratios: one of {METHODS} (the PPO agent or the two baselines)."},
@@ -112,6 +118,9 @@ class RLPruneConfig:
         check(self.latency_device == "cpu" or self.latency_runtime == "torch",
               f"latency_device = {self.latency_device!r} needs latency_runtime='torch'; onnxruntime measures on the CPU.")
         check(self.latency_threads is None or self.latency_threads >= 1, f"latency_threads = {self.latency_threads} must be >= 1 (or unset).")
+        if self.latency_table_path is not None:
+            check(self.uses_latency, f"latency_table_path = {self.latency_table_path!r} is only read for a latency budget "
+                                     "(budget_kind='latency') or a latency reward (reward_cost='latency'); set one or drop it.")
         if self.width_multiple is None:  # hardware-friendly widths by default where speed is what the budget limits
             self.width_multiple = 8 if self.budget_kind == "latency" else 1
         check(self.method in METHODS, f"method = {self.method!r} is unknown; choose one of {METHODS}.")

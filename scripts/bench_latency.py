@@ -14,6 +14,13 @@
       proxy for accuracy: no training here).
     A budget of 0.5 asks for a 2x speedup, 0.25 for 4x; "of limit" is the measured speedup over that.
 
+(c) With --policies_from, only this: the pruned widths of benchmark.py runs (made on any machine, e.g. a GPU host
+    pruning under this machine's table) measured here against dense. The deployment workflow:
+
+    python scripts/bench_latency.py --models cnn --compare_budgets false --save_tables tables   # on the deployment CPU
+    python scripts/benchmark.py ... --methods ppo_latency --latency_table_path tables/cnn.json   # on the GPU host
+    python scripts/bench_latency.py --policies_from results/raw/<that run>.json --policies_table tables/cnn.json  # back here
+
 Every measurement is the median of `--repeats` runs after warm-up; models are measured round-robin for `--rounds`
 rounds, so load from other processes hits all of them alike, and the least disturbed round (the lowest median)
 counts: interference only ever adds time. The table's grid points are taken the same way (lowest median of two
@@ -35,6 +42,7 @@ from transformers import HfArgumentParser
 
 from hf_rlprune import PruningEnv, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import LatencyTable, compute_macs, config_with_widths, get_prunable_groups, measure_latency
+from hf_rlprune.tasks import CNN_PRESETS
 
 
 @dataclass
@@ -46,6 +54,7 @@ class BenchLatencyArguments:
     threads: int | None = field(default=None, metadata={"help": "Intra-op threads (default: torch's default, the core count)."})
     grid: int = field(default=8, metadata={"help": "Latency table grid points per width axis."})
     table_repeats: int = field(default=5, metadata={"help": "Timed runs per table grid point."})
+    table_passes: int = field(default=2, metadata={"help": "Passes over the table's grid; the lowest median counts (more for a noisy machine)."})
     allocations: int = field(default=10, metadata={"help": "Random allocations per model for the error part (a)."})
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.25], metadata={"help": "Latency budgets for part (b), fractions of dense."})
     compare_budgets: bool = field(default=True, metadata={"help": "Run part (b), the MACs versus latency budget comparison."})
@@ -55,6 +64,15 @@ class BenchLatencyArguments:
     warmup: int = field(default=3, metadata={"help": "Untimed runs first."})
     seed: int = field(default=0, metadata={"help": "Seed of the random allocations."})
     output: str = field(default="results/bench_latency.json", metadata={"help": "Where the JSON results go."})
+    save_tables: str | None = field(
+        default=None,
+        metadata={"help": "Save each latency table measured in part (a) as DIR/<model>.json: the deployment machine's table that "
+                          "RLPruneConfig.latency_table_path (benchmark.py --latency_table_path) reads on a training host."})
+    policies_from: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Part (c): benchmark.py results JSONs (CIFAR-10 CNNs); measure each run's pruned widths on this machine "
+                          "against dense, e.g. policies searched on a GPU host under this machine's table. Skips (a) and (b)."})
+    policies_table: str | None = field(default=None, metadata={"help": "With --policies_from: a saved table whose estimates are printed beside the measurements."})
 
 
 MODELS = {
@@ -90,7 +108,8 @@ def random_snapped_widths(config, rng: random.Random, multiple: int = 8) -> dict
 def build_table(config, args: BenchLatencyArguments) -> tuple[LatencyTable, float]:
     """A freshly measured table (no cache: its build time is part of the result) and the seconds it took."""
     start = time.perf_counter()
-    table = LatencyTable.build(config, args.runtime, args.batch_size, args.device, args.threads, grid=args.grid, repeats=args.table_repeats)
+    table = LatencyTable.build(config, args.runtime, args.batch_size, args.device, args.threads, grid=args.grid, repeats=args.table_repeats,
+                              passes=args.table_passes)
     return table, time.perf_counter() - start
 
 
@@ -169,6 +188,49 @@ def budget_comparison(args: BenchLatencyArguments, tables: dict) -> list[dict]:
     return rows
 
 
+def policy_speedups(args: BenchLatencyArguments) -> tuple[list[dict], str]:
+    """Part (c): each distinct pruned allocation of the runs in `--policies_from`, measured round-robin with dense."""
+    plans, preset = {}, None
+    for path in args.policies_from:
+        with open(path) as handle:
+            results = json.load(handle)
+        if results.get("task") != "cifar10":
+            raise ValueError(f"{path} holds task {results.get('task')!r}; --policies_from measures CIFAR-10 CNN results only (an LSTM's "
+                             "shape depends on its tokenizer, which the results file does not record).")
+        file_preset = results.get("args", {}).get("model_preset", "reference")
+        if preset not in (None, file_preset):
+            raise ValueError(f"{path} holds model preset {file_preset!r}, the other files {preset!r}; measure one model per call.")
+        preset = file_preset
+        for run in results["runs"]:
+            widths = {layer["name"]: layer["width"] for layer in run["report"]["layers"]}
+            key = (run["method"], run["budget"], tuple(widths.values()))
+            plan = plans.setdefault(key, {"method": run["method"], "budget": run["budget"], "widths": widths, "seeds": [], "test_accuracies": [],
+                                          "budget_kind": run["report"].get("budget_kind", "macs"), "file": path})
+            plan["seeds"].append(run["seed"])
+            plan["test_accuracies"].append(run["test_accuracy"])
+    if not plans:
+        raise ValueError(f"No runs in {args.policies_from}.")
+    config = RLPruneCNNConfig(**CNN_PRESETS[preset])
+    table = LatencyTable.load_for(args.policies_table, config, args.runtime, args.batch_size) if args.policies_table else None
+    plans = sorted(plans.values(), key=lambda plan: (-plan["budget"], plan["budget_kind"], plan["method"], list(plan["widths"].values())))
+    measured = measure_round_robin([config] + [config_with_widths(config, plan["widths"]) for plan in plans], args)
+    dense_ms, dense_macs = min(measured[0]), compute_macs(config)
+    for plan, rounds in zip(plans, measured[1:]):
+        plan.update({"macs_ratio": compute_macs(config, widths=plan["widths"]) / dense_macs, "measured_ms": min(rounds), "dense_ms": dense_ms,
+                     "speedup": dense_ms / min(rounds), "limit": 1.0 / plan["budget"], "rounds_ms": rounds, "dense_rounds_ms": measured[0],
+                     "median_round_speedup": statistics.median(d / p for d, p in zip(measured[0], rounds)),
+                     "estimated_latency_ratio": table(plan["widths"]) / table.dense_ms if table else None})
+    lines = [f"Pruned allocations measured here ({args.runtime}, {args.device}, batch {args.batch_size}, "
+             f"{args.threads or torch.get_num_threads()} threads; dense {dense_ms:.1f} ms):", "",
+             "| budget | kind | method | widths | seeds | test accuracy | MACs ratio | est. latency ratio | speedup | limit | speedup (median round) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['budget']} | {p['budget_kind']} | {p['method']} | {'/'.join(str(w) for w in p['widths'].values())} | "
+              f"{len(p['seeds'])} | {100 * statistics.mean(p['test_accuracies']):.2f} | {p['macs_ratio']:.3f} | "
+              f"{'–' if p['estimated_latency_ratio'] is None else format(p['estimated_latency_ratio'], '.3f')} | {p['speedup']:.2f}x | "
+              f"{p['limit']:.0f}x | {p['median_round_speedup']:.2f}x |" for p in plans]
+    return plans, "\n".join(lines)
+
+
 def markdown_tables(errors: list[dict], rows: list[dict], args: BenchLatencyArguments) -> str:
     lines = [f"Latency model ({args.runtime}, {args.device}, batch {args.batch_size}, {args.threads or torch.get_num_threads()} threads, grid {args.grid}):", "",
              "| model | table build (s) | allocations | mean abs. error | max abs. error | (vs median round: mean / max) |", "|---|---|---|---|---|---|"]
@@ -197,15 +259,28 @@ def main(argv=None):
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise ValueError(f"Unknown model(s) {unknown}; choose from {sorted(MODELS)}.")
+    if args.policies_from:
+        plans, table = policy_speedups(args)
+        print(table)
+        write_output(args, {"policies": plans, "table": table})
+        return plans
     tables = {}
     errors = [model_error(name, args, tables) for name in args.models]
+    if args.save_tables:
+        for name, latency_table in tables.items():
+            print(f"{name}: table saved to {latency_table.save(os.path.join(args.save_tables, f'{name}.json'))}")
     rows = budget_comparison(args, tables) if args.compare_budgets and args.budgets else []
     table = markdown_tables(errors, rows, args)
     print(table)
+    write_output(args, {"errors": errors, "budgets": rows, "table": table})
+    return errors, rows
+
+
+def write_output(args: BenchLatencyArguments, results: dict) -> None:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as handle:
-        json.dump({"arguments": vars(args), "threads": args.threads or torch.get_num_threads(), "load_average": os.getloadavg(), "errors": errors, "budgets": rows, "table": table}, handle, indent=2)
-    return errors, rows
+        json.dump({"arguments": vars(args), "threads": args.threads or torch.get_num_threads(), "load_average": os.getloadavg(), **results},
+                  handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ class BenchmarkArguments:
     reward_size: float = field(default=0.1, metadata={"help": "Fraction of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
     max_length: int = field(default=256, metadata={"help": "IMDB: tokens per review."})
+    latency_table_path: str | None = field(
+        default=None,
+        metadata={"help": "ppo_latency: a latency table measured on the deployment machine (bench_latency.py --save_tables) instead "
+                          "of one measured here; measure the resulting widths there with bench_latency.py --policies_from."})
     latency_runs: int = field(default=1, metadata={"help": "Measure latency for this many seeds per (budget, method)."})
     cpu_small: bool = field(default=False, metadata={"help": "CPU-sized run: 4000 examples, 2 epochs, 1 seed, small search."})
     report_only: list[str] | None = field(
@@ -119,7 +123,7 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
                                 "end_fraction": 0.0})
     if method == "ppo_latency":  # the agent under a budget on ONNX Runtime CPU latency at batch 128 (widths snapped to 8)
         return RLPruneConfig(**{**common, "method": "ppo", "budget_kind": "latency", "latency_runtime": "onnxruntime",
-                                "latency_batch_size": 128})
+                                "latency_batch_size": 128, "latency_table_path": args.latency_table_path})
     return RLPruneConfig(**{**common, "method": method})
 
 

@@ -71,3 +71,40 @@ def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir
         bench_fidelity.main(["--task", "imdb", "--policies_from", str(policies)])
     with pytest.raises(ValueError, match=r"0 random_oneshot runs at budgets \[0.5\]"):  # --budgets picks the policies
         bench_fidelity.main(common + ["--budgets", "0.5", "--policies_from", str(policies)])
+
+
+def test_policies_searched_elsewhere_are_measured_here(tmp_path, monkeypatch, scripts):
+    # The deployment workflow: a table from this machine, policies searched on a GPU host with it, measured back here.
+    from hf_rlprune import RLPruneCNNConfig
+    from hf_rlprune.pruning import LatencyTable
+    from tests.test_latency_table import CountingTimer
+
+    benchmark, _ = scripts
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench_latency = importlib.import_module("bench_latency")
+    table_path = LatencyTable.build(RLPruneCNNConfig(), batch_size=8, grid=2, timer=CountingTimer()).save(tmp_path / "cnn.json")
+    args = benchmark.BenchmarkArguments(latency_table_path=str(table_path))
+    assert benchmark.prune_config(args, "ppo_latency", 0.5, 0).latency_table_path == str(table_path)
+
+    def run(method, seed, widths, accuracy):
+        layers = [{"name": name, "width": width} for name, width in zip(["conv_blocks.0", "conv_blocks.1", "hidden_layers.0"], widths)]
+        return {"method": method, "budget": 0.25, "seed": seed, "test_accuracy": accuracy, "report": {"layers": layers, "budget_kind": "latency"}}
+
+    results = {"task": "cifar10", "args": {"model_preset": "reference"},
+               "runs": [run("ppo_latency", 0, [8, 8, 64], 0.5), run("ppo_latency", 1, [8, 8, 64], 0.7), run("ppo_latency", 2, [16, 32, 256], 0.6)]}
+    (tmp_path / "runs.json").write_text(json.dumps(results))
+    common = ["--batch_size", "8", "--rounds", "1", "--repeats", "1", "--warmup", "0", "--output", str(tmp_path / "out.json")]
+    plans = bench_latency.main(common + ["--policies_from", str(tmp_path / "runs.json"), "--policies_table", str(table_path)])
+    assert [(plan["seeds"], plan["test_accuracies"]) for plan in plans] == [([0, 1], [0.5, 0.7]), ([2], [0.6])]  # same widths: one row
+    table = LatencyTable.load(table_path)
+    for plan in plans:
+        assert plan["estimated_latency_ratio"] == pytest.approx(table(plan["widths"]) / table.dense_ms)
+        assert plan["speedup"] == pytest.approx(plan["dense_ms"] / plan["measured_ms"]) and plan["limit"] == 4.0
+    assert plans[0]["speedup"] > 1.0  # 1-6% of the MACs: measurably faster than dense
+    assert json.loads((tmp_path / "out.json").read_text())["policies"][0]["widths"] == plans[0]["widths"]
+
+    (tmp_path / "imdb.json").write_text(json.dumps({**results, "task": "imdb"}))
+    with pytest.raises(ValueError, match="CIFAR-10 CNN results only"):
+        bench_latency.main(common + ["--policies_from", str(tmp_path / "imdb.json")])
+    with pytest.raises(ValueError, match="batch_size"):  # a table for another batch size is refused
+        bench_latency.main(common[2:] + ["--batch_size", "16", "--policies_from", str(tmp_path / "runs.json"), "--policies_table", str(table_path)])

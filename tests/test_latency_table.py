@@ -103,6 +103,48 @@ def test_a_cache_file_whose_key_does_not_match_is_measured_again(tmp_path):
     assert build(timer=timer, cache_dir=tmp_path).dense_ms == table.dense_ms
 
 
+@pytest.mark.parametrize("config", [TINY_CNN, TINY_LSTM], ids=["cnn", "lstm"])
+def test_a_deployment_table_is_used_as_measured_there(tmp_path, monkeypatch, config):
+    monkeypatch.setattr(latency_table_module, "device_name", lambda device="cpu": "cpu: the deployment machine")
+    deployed = build(config, CountingTimer(noise=0.3), threads=7)
+    path = deployed.save(tmp_path / "deploy.json")
+    monkeypatch.undo()  # back on the training host: another processor, other threads
+    cfg = RLPruneConfig(budget_kind="latency", target=0.5, latency_batch_size=4, latency_table_path=str(path))
+    from hf_rlprune.callback import build_latency_table
+
+    loaded = build_latency_table(config, cfg)
+    assert loaded.key == deployed.key and loaded.key["device"] == "cpu: the deployment machine" and loaded.key["threads"] == 7
+    rng = random.Random(0)
+    for _ in range(20):
+        widths = random_widths(deployed, rng)
+        assert loaded(widths) == deployed(widths)
+    env = PruningEnv(config, constant_accuracy, target=0.5, budget_kind="latency", latency_fn=loaded, width_multiple=1)
+    _, info = run_episode(env, [1.0] * len(env.groups))
+    assert deployed(info["widths"]) <= 0.5 * deployed.dense_ms * (1 + 1e-9)  # the budget holds on the deployment's timings
+
+
+def test_a_deployment_table_for_another_workload_is_refused(tmp_path):
+    path = build(TINY_CNN).save(tmp_path / "deploy.json")
+    with pytest.raises(ValueError, match="batch_size"):
+        LatencyTable.load_for(path, TINY_CNN, "onnxruntime", batch_size=128)
+    with pytest.raises(ValueError, match="runtime"):
+        LatencyTable.load_for(path, TINY_CNN, "torch", batch_size=4)
+    wider = RLPruneCNNConfig(conv_channels=[8, 32], hidden_sizes=[40], image_size=8)
+    with pytest.raises(ValueError, match="structure"):
+        LatencyTable.load_for(path, wider, "onnxruntime", batch_size=4)
+    lstm_path = build(TINY_LSTM).save(tmp_path / "lstm.json")
+    longer = RLPruneLSTMConfig(**{**TINY_LSTM.to_dict(), "max_seq_length": 24})
+    with pytest.raises(ValueError, match="seq_len"):
+        LatencyTable.load_for(lstm_path, longer, "onnxruntime", batch_size=4)
+    with pytest.raises(ValueError, match="does not exist.*--save_tables"):
+        LatencyTable.load_for(tmp_path / "missing.json", TINY_CNN, "onnxruntime", batch_size=4)
+    (tmp_path / "corrupt.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match="not a readable latency table"):
+        LatencyTable.load_for(tmp_path / "corrupt.json", TINY_CNN, "onnxruntime", batch_size=4)
+    with pytest.raises(ValueError, match="only read for a latency budget"):
+        RLPruneConfig(target=0.5, latency_table_path=str(path))
+
+
 # ---- the estimate -------------------------------------------------------------------------------------------------
 
 NOISY_TABLES = {"cnn": build(TINY_CNN, CountingTimer(noise=0.4), grid=4), "lstm": build(TINY_LSTM, CountingTimer(noise=0.4), grid=4)}

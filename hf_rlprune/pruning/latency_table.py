@@ -347,6 +347,34 @@ class LatencyTable:
         layers = [LayerLatency(**layer) for layer in data["layers"]]
         return cls(data["key"], data["dense_widths"], layers, data["overhead_ms"], data.get("calibration"), data.get("build_seconds", 0.0))
 
+    @classmethod
+    def load_for(cls, path: str | os.PathLike, model_or_config, runtime: str, batch_size: int,
+                 seq_len: int | None = None) -> "LatencyTable":
+        """A table measured elsewhere, typically on the deployment machine, for this model.
+
+        Train on a GPU host and prune for the CPU the model will serve on: the table keeps that machine's device,
+        threads and runtime version. Its runtime, batch size, sequence length and the model's structure must match,
+        or the estimates would be for another workload; a mismatch is a ValueError naming the fields.
+        """
+        config = _config_of(model_or_config)
+        try:
+            table = cls.load(path)
+        except FileNotFoundError as error:
+            raise ValueError(f"Latency table {path} does not exist; measure one on the deployment machine with "
+                             "`python scripts/bench_latency.py --save_tables DIR` (or LatencyTable.build(...).save(path)).") from error
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable latency table ({type(error).__name__}: {error}); measure it again.") from error
+        is_lstm = isinstance(config, RLPruneLSTMConfig)
+        expected = _jsonable({"runtime": runtime, "batch_size": int(batch_size), "structure": _structure(config),
+                              "seq_len": int(seq_len or config.max_seq_length) if is_lstm else None})
+        differs = sorted(name for name, value in expected.items() if table.key.get(name) != value)
+        if differs:
+            found = {name: table.key.get(name) for name in differs}
+            wanted = {name: expected[name] for name in differs}
+            raise ValueError(f"Latency table {path} was measured for {found}, but this run needs {wanted}; measure a table for "
+                             "this model, runtime and batch size on the deployment machine.")
+        return table
+
     # ---- building ------------------------------------------------------------------------------------------------
     @staticmethod
     def cache_key(model_or_config, runtime: str = "onnxruntime", batch_size: int = 128, device: str = "cpu",
