@@ -76,8 +76,9 @@ def prepare_task(task: str, dataset=None, reward_size=0.1, seed=0, smoke=False, 
     return TaskData(task, encode(train_raw), encode(reward_raw), encode(test_raw), collator, collator, tokenizer)
 
 
-def build_model(task: str, preset: str = "reference", task_data: TaskData | None = None, max_length: int = 256):
-    """A freshly initialized reference model for `task`."""
+def build_model(task: str, preset: str = "reference", task_data: TaskData | None = None, max_length: int = 256,
+                lstm_pooling: str = "last"):
+    """A freshly initialized reference model for `task` (`lstm_pooling`: what the IMDB LSTM's dense layers read)."""
     if task == "cifar10":
         if preset not in CNN_PRESETS:
             raise ValueError(f"Unknown CNN preset {preset!r}; choose one of {sorted(CNN_PRESETS)}.")
@@ -85,7 +86,8 @@ def build_model(task: str, preset: str = "reference", task_data: TaskData | None
     tokenizer = task_data.processing_class if task_data is not None else None
     vocab_size = len(tokenizer) if tokenizer is not None else 20000
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
-    return RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=vocab_size, max_seq_length=max_length, pad_token_id=pad_id))
+    return RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=vocab_size, max_seq_length=max_length, pad_token_id=pad_id,
+                                                                  pooling=lstm_pooling))
 
 
 def load_model(task: str, model_name_or_path: str, **kwargs):

@@ -59,6 +59,7 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
     vocab_size: int = field(default=20000, metadata={"help": "IMDB: word vocabulary size of the trained tokenizer."})
     max_length: int = field(default=256, metadata={"help": "IMDB: tokens kept per review."})
+    lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
     export_onnx: bool = field(default=False, metadata={"help": "Also write model.onnx of the pruned model."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure CPU latency (torch and ONNX Runtime) for the report."})
     smoke: bool = field(default=False, metadata={"help": "Whole pipeline in about a minute on CPU with small synthetic data."})
@@ -168,7 +169,7 @@ def main(argv=None):
                              seed=training.seed, smoke=script.smoke, max_train_samples=script.max_train_samples,
                              vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer)
     if model is None:
-        model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length)
+        model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling)
         check_budget(model, prune, training)
         logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
         pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,

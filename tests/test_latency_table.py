@@ -123,6 +123,14 @@ def test_a_deployment_table_is_used_as_measured_there(tmp_path, monkeypatch, con
     assert deployed(info["widths"]) <= 0.5 * deployed.dense_ms * (1 + 1e-9)  # the budget holds on the deployment's timings
 
 
+def test_the_lstm_pooling_is_part_of_the_key():
+    mean = RLPruneLSTMConfig(**{**TINY_LSTM.to_dict(), "pooling": "mean"})
+    assert LatencyTable.cache_key(mean, batch_size=4)["structure"]["pooling"] == "mean"
+    assert LatencyTable.cache_key(mean, batch_size=4) != LatencyTable.cache_key(TINY_LSTM, batch_size=4)
+    table = build(mean)
+    assert 0 < table({name: 1 for name in table.dense_widths}) < table.dense_ms
+
+
 def test_a_deployment_table_for_another_workload_is_refused(tmp_path):
     path = build(TINY_CNN).save(tmp_path / "deploy.json")
     with pytest.raises(ValueError, match="batch_size"):

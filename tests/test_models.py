@@ -81,6 +81,7 @@ def test_cnn_config_errors_name_the_field(kwargs, field):
         (dict(hidden_sizes=[64, 0]), r"hidden_sizes\[1\]"),
         (dict(num_labels=3), "num_labels"),
         (dict(vocab_size=10, pad_token_id=10), "pad_token_id"),
+        (dict(pooling="max"), "pooling = 'max' is unknown"),
     ],
 )
 def test_lstm_config_errors_name_the_field(kwargs, field):
@@ -101,8 +102,9 @@ def test_lstm_binary_head_is_sigmoid_shown_as_two_logits():
     assert model.classifier.out_features == 1
 
 
-def test_lstm_prediction_does_not_depend_on_padding():
-    model = tiny_lstm()
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_lstm_prediction_does_not_depend_on_padding(pooling):
+    model = tiny_lstm(pooling=pooling)
     review = torch.randint(1, 30, (1, 6))
     alone = model(input_ids=review).logits
     for pad in (1, 7, 40):
@@ -113,6 +115,18 @@ def test_lstm_prediction_does_not_depend_on_padding():
         padded = model(input_ids=batch, attention_mask=mask).logits[:1]
         assert torch.allclose(alone, padded, atol=1e-6)
         assert torch.allclose(model(input_ids=batch).logits[:1], alone, atol=1e-6)  # mask derived from pad id
+
+
+def test_lstm_mean_pooling_reads_every_real_token():
+    last, mean = tiny_lstm(), tiny_lstm(pooling="mean")
+    mean.load_state_dict(last.state_dict())
+    review = torch.randint(1, 30, (2, 7))
+    states = last.embeddings(review)  # (B, T, E)
+    for lstm in last.lstm_layers:
+        states, _ = lstm(states)  # (B, T, H)
+    expected = mean.classifier(torch.relu(mean.hidden_layers[0](states.mean(dim=1))))  # (B, 1)
+    assert torch.allclose(mean(input_ids=review).logits[:, 1:], expected, atol=1e-6)
+    assert not torch.allclose(last(input_ids=review).logits, mean(input_ids=review).logits)
 
 
 def test_lstm_rejects_left_padding():
@@ -137,7 +151,7 @@ def test_lstm_pipeline_reports_named_labels():
     assert result["score"] == pytest.approx(float(expected.max().detach()), abs=1e-5)
 
 
-@pytest.mark.parametrize("make, inputs", [(tiny_cnn, "image"), (tiny_lstm, "text")])
+@pytest.mark.parametrize("make, inputs", [(tiny_cnn, "image"), (tiny_lstm, "text"), (lambda: tiny_lstm(pooling="mean"), "text")])
 def test_save_and_load_through_auto_classes(tmp_path, make, inputs):
     model = make()
     batch = _example_inputs(inputs)

@@ -94,10 +94,11 @@ def counting_batches(num_batches, batch_size, seed, vocab_size=20, steps=12):
     return batches
 
 
-def test_stacked_lstm_candidates_match_one_at_a_time():
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_stacked_lstm_candidates_match_one_at_a_time(pooling):
     # The block-diagonal LSTM rule (batched_lstm) stacks LSTM candidates; dropout and the padding gather stay exact.
     torch.manual_seed(0)
-    config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2)
+    config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2, pooling=pooling)
     model = RLPruneLSTMForSequenceClassification(config)
     assert supports_stacked_candidates(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

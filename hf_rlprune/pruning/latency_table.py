@@ -97,11 +97,15 @@ def grid_widths(width: int, points: int, multiple: int = GRID_MULTIPLE) -> list[
 # ---- layers as standalone modules ----------------------------------------------------------------------------------
 
 
-class _LastStep(nn.Module):
-    """(B, T, H) -> (B, H): the LSTM model reads one position per sequence before its dense layers."""
+class _Pooling(nn.Module):
+    """(B, T, H) -> (B, H): what the LSTM model's dense layers read (one position, or the mean over time)."""
+
+    def __init__(self, pooling: str):
+        super().__init__()
+        self.pooling = pooling
 
     def forward(self, hidden_states):
-        return hidden_states[:, -1]
+        return hidden_states.mean(dim=1) if self.pooling == "mean" else hidden_states[:, -1]
 
 
 class _LSTMOutput(nn.Module):
@@ -199,7 +203,7 @@ def _lstm_specs(config: RLPruneLSTMConfig, seq_len: int) -> list[_LayerSpec]:
 
     def dense_build(relu, reads_lstm):
         def build(d_in, d_out, batch):
-            layers = ([_LastStep()] if reads_lstm else []) + [nn.Linear(d_in, d_out)] + ([nn.ReLU()] if relu else [])
+            layers = ([_Pooling(config.pooling)] if reads_lstm else []) + [nn.Linear(d_in, d_out)] + ([nn.ReLU()] if relu else [])
             return nn.Sequential(*layers), (_randn(batch, seq_len, d_in) if reads_lstm else _randn(batch, d_in))
 
         return build
@@ -216,7 +220,7 @@ def _structure(config) -> dict:
     if isinstance(config, RLPruneCNNConfig):
         names = ("num_channels", "image_size", "kernel_size", "padding", "use_batch_norm", "pool_after", "conv_channels", "hidden_sizes", "num_labels")
     else:
-        names = ("vocab_size", "embedding_dim", "lstm_hidden_sizes", "hidden_sizes")
+        names = ("vocab_size", "embedding_dim", "lstm_hidden_sizes", "hidden_sizes", "pooling")
     return {"model_type": config.model_type, **{name: getattr(config, name) for name in names}}
 
 

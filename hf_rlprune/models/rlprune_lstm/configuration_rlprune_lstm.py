@@ -2,6 +2,8 @@
 
 from transformers import PretrainedConfig
 
+POOLINGS = ("last", "mean")
+
 
 class RLPruneLSTMConfig(PretrainedConfig):
     r"""
@@ -13,6 +15,8 @@ class RLPruneLSTMConfig(PretrainedConfig):
         dropout (`float`, defaults to 0.0): dropout on the last LSTM state and after each hidden dense layer.
         max_seq_length (`int`, defaults to 256): the longest input the tokenizer produces; cost figures use it.
         pad_token_id (`int`, defaults to 0): id of the padding token (the embedding keeps it at zero).
+        pooling (`str`, defaults to `"last"`): what the dense layers read: the last LSTM's state after the last real
+            token (`"last"`, the plan's Keras LSTM) or the mean of its states over the real tokens (`"mean"`).
 
     The head follows the experiment plan: one output unit read through a sigmoid. The model returns it as two-way
     logits `[0, z]`, whose softmax is `[1 - sigmoid(z), sigmoid(z)]`, so `pipeline("text-classification")` reports
@@ -30,6 +34,7 @@ class RLPruneLSTMConfig(PretrainedConfig):
         dropout=0.0,
         max_seq_length=256,
         pad_token_id=0,
+        pooling="last",
         **kwargs,
     ):
         if "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -41,6 +46,7 @@ class RLPruneLSTMConfig(PretrainedConfig):
         self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [64]
         self.dropout = dropout
         self.max_seq_length = max_seq_length
+        self.pooling = pooling
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self._validate()
 
@@ -58,6 +64,8 @@ class RLPruneLSTMConfig(PretrainedConfig):
             raise ValueError(f"pad_token_id = {self.pad_token_id} must be a token id in [0, vocab_size={self.vocab_size}).")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout} must be in [0, 1).")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling = {self.pooling!r} is unknown; choose one of {POOLINGS}.")
         if self.num_labels != 2:
             raise ValueError(
                 f"num_labels = {self.num_labels}: this model is a binary classifier (one sigmoid unit shown as "

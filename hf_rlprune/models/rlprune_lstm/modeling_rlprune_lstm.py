@@ -1,4 +1,4 @@
-"""The reference IMDB LSTM as a PreTrainedModel: embedding -> stacked LSTMs -> dense layers -> one sigmoid unit.
+"""The reference IMDB LSTM as a PreTrainedModel: embedding -> stacked LSTMs -> pooling -> dense layers -> one sigmoid unit.
 
 Self-contained on purpose: a saved model loads with `trust_remote_code=True` where hf_rlprune is not installed.
 """
@@ -84,10 +84,15 @@ class RLPruneLSTMForSequenceClassification(RLPruneLSTMPreTrainedModel):
             hidden_states, _ = lstm(hidden_states)  # (B, T, H_i)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        # The state after the last real token: identical however much right padding the batch adds.
-        last_index = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
-        batch_index = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-        hidden_states = self.dropout(hidden_states[batch_index, last_index.to(hidden_states.device)])  # (B, H_last)
+        # Read over the real tokens only: identical however much right padding the batch adds.
+        if self.config.pooling == "mean":
+            weights = attention_mask.to(hidden_states.device, hidden_states.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, H_last)
+        else:  # the state after the last real token
+            last_index = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
+            batch_index = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            pooled = hidden_states[batch_index, last_index.to(hidden_states.device)]  # (B, H_last)
+        hidden_states = self.dropout(pooled)
         for layer in self.hidden_layers:
             hidden_states = self.dropout(torch.relu(layer(hidden_states)))  # (B, hidden_i)
             if output_hidden_states:
