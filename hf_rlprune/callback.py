@@ -147,6 +147,7 @@ class RLPruneCallback(TrainerCallback):
             seed=cfg.prune_seed,
             autocast_dtype=autocast,
             candidates_per_pass=cfg.candidates_per_pass,
+            refit_ridge=cfg.refit_ridge,
         )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
@@ -215,12 +216,14 @@ class RLPruneCallback(TrainerCallback):
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batches(self, round_index: int) -> list[dict]:
-        if not self.config.recovery_steps:
+        refit = self._evaluator.refit_batches if self.config.refit_ridge is not None else 0  # the refit's calibration batches
+        count = max(self.config.recovery_steps, refit)
+        if not count:
             return []
         generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)
         loader = DataLoader(self._train_dataset, batch_size=self._batch_size, shuffle=True, generator=generator,
                             collate_fn=self._train_collator, drop_last=len(self._train_dataset) > self._batch_size)
-        return take_batches(loader, self.config.recovery_steps)
+        return take_batches(loader, count)
 
     def _make_env(self, model, target: float) -> PruningEnv:
         cfg = self.config

@@ -62,6 +62,12 @@ class RLPruneConfig:
                                       "Longer recovery ranks candidates more like full fine-tuning does, at proportional search cost "
                                       "(reference CNN: Spearman 0.60 at 40 steps, 0.82 at 200; scripts/bench_fidelity.py)."}
     )
+    refit_ridge: float | None = field(
+        default=None,
+        metadata={"help": "Refit each candidate's pruned layers' consumers by ridge least squares to the unpruned outputs "
+                          "(4 training batches) before its recovery: this ridge strength, relative to the inputs' mean "
+                          "eigenvalue (e.g. 0.1). Unset: no refit."},
+    )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
     candidates_per_pass: int = field(
@@ -132,6 +138,7 @@ class RLPruneConfig:
         )
         check(self.search_episodes >= 1, f"search_episodes = {self.search_episodes} must be >= 1.")
         check(self.recovery_steps >= 0, f"recovery_steps = {self.recovery_steps} must be >= 0.")
+        check(self.refit_ridge is None or self.refit_ridge >= 0, f"refit_ridge = {self.refit_ridge} must be >= 0 (or unset: no refit).")
         check(self.recovery_lr > 0, f"recovery_lr = {self.recovery_lr} must be > 0.")
         check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
         check(self.candidates_per_pass >= 1, f"candidates_per_pass = {self.candidates_per_pass} must be >= 1.")

@@ -22,6 +22,7 @@ from torch.func import functional_call, vmap
 
 from .batched_lstm import is_stackable_lstm, stackable_lstms
 from .pruning import TaylorAccumulator, apply_masks, get_masks, mask_multipliers, masks_from_widths, remove_masks
+from .pruning.refit import refit_consumers, reference_outputs
 
 
 def supports_stacked_candidates(model: nn.Module) -> bool:
@@ -83,6 +84,10 @@ class RewardEvaluator:
         stack_candidates: use the vmapped pass; default on CUDA only. A GPU is underused by one small model and
             gains several times; on a CPU one candidate already fills the cores, and the stacked (grouped) convs
             measured about 1.5x slower per candidate than one at a time (2 cores, the reference CNN).
+        refit_ridge: when set, each candidate's pruned layers' consumers are first refitted by ridge least squares
+            to the round model's outputs on `refit_batches` recovery batches (`pruning.refit`), so recovery starts
+            from the closest fit of the unpruned function rather than from plain masking; the value is the ridge
+            strength relative to the mean eigenvalue of the inputs' Gram matrix. None: no refit.
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class RewardEvaluator:
         autocast_dtype: torch.dtype | None = None,
         candidates_per_pass: int = 8,
         stack_candidates: bool | None = None,
+        refit_ridge: float | None = None,
+        refit_batches: int = 4,
     ):
         if not reward_batches:
             raise ValueError("The reward split is empty: give at least one batch of held-out training examples.")
@@ -103,6 +110,9 @@ class RewardEvaluator:
             raise ValueError(f"recovery_steps = {recovery_steps} must be >= 0.")
         if candidates_per_pass < 1:
             raise ValueError(f"candidates_per_pass = {candidates_per_pass} must be >= 1.")
+        if refit_ridge is not None and (refit_ridge < 0 or refit_batches < 1):
+            raise ValueError(f"refit_ridge = {refit_ridge} must be >= 0 and refit_batches = {refit_batches} >= 1.")
+        self.refit_ridge, self.refit_batches = refit_ridge, int(refit_batches)
         self.candidates_per_pass, self.stack_candidates = int(candidates_per_pass), stack_candidates
         self.reward_batches_cpu = reward_batches
         self.recovery_batches_cpu = recovery_batches or []
@@ -121,14 +131,27 @@ class RewardEvaluator:
             self.recovery_batches = [move_to_device(b, device) for b in self.recovery_batches_cpu]
         if recovery_batches is not None:
             self.recovery_batches = [move_to_device(b, device) for b in recovery_batches]
-        if self.recovery_steps and not self.recovery_batches:
-            raise ValueError("recovery_steps > 0 needs recovery batches (training batches).")
+        if (self.recovery_steps or self.refit_ridge is not None) and not self.recovery_batches:
+            raise ValueError("recovery_steps > 0 and refit_ridge need recovery batches (training batches).")
         self._snapshot = {key: value.detach().clone() for key, value in model.state_dict().items()}
         self._masks = get_masks(model)
         self._taylor = taylor
         if self._scratch is None or self._scratch.config.to_dict() != model.config.to_dict():
             self._scratch = type(model)(model.config).to(device)
         self._scratch.train(model.training)
+        if self.refit_ridge is not None:  # what every candidate's consumers are refitted to: this round's model
+            self._calibration = self.recovery_batches[: self.refit_batches]
+            was_training = model.training
+            model.eval()
+            self._reference = reference_outputs(model, self._calibration)
+            model.train(was_training)
+
+    def _refit(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        """Refit the consumers of the masked groups of `model` (in eval mode: no dropout) to the round's model."""
+        was_training = model.training
+        model.eval()
+        refit_consumers(model, masks, self._calibration, self._reference, ridge=self.refit_ridge)
+        model.train(was_training)
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
         """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks)."""
@@ -139,6 +162,8 @@ class RewardEvaluator:
             apply_masks(scratch, self._masks)
         masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
         apply_masks(scratch, masks)
+        if self.refit_ridge is not None:
+            self._refit(scratch, masks)
         return scratch
 
     def __call__(self, widths: dict[str, int]) -> float:
@@ -184,17 +209,28 @@ class RewardEvaluator:
         base.load_state_dict(self._snapshot)
         if self._masks:
             apply_masks(base, self._masks)  # nested ranking: units the round already pruned stay pruned
-        multipliers = [
-            mask_multipliers(base, masks_from_widths(base, widths, self.importance, taylor=self._taylor, seed=self.seed))
-            for widths in candidates
-        ]
+        candidate_masks = [masks_from_widths(base, widths, self.importance, taylor=self._taylor, seed=self.seed) for widths in candidates]
+        multipliers = [mask_multipliers(base, masks) for masks in candidate_masks]
         # (K, *broadcastable shape) per masked tensor: every candidate masks every group, so all share the same names
         stacked_multipliers = {name: torch.stack([factors[name] for factors in multipliers]) for name in multipliers[0]}
         count = len(candidates)
-        params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
-            name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)
-            for name, param in base.named_parameters()
-        }
+        if self.refit_ridge is None:
+            params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
+                name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)
+                for name, param in base.named_parameters()
+            }
+        else:  # each candidate's own refitted weights, stacked
+            refitted = []
+            for masks in candidate_masks:
+                apply_masks(base, masks)
+                self._refit(base, masks)
+                refitted.append({name: param.detach().clone() for name, param in base.named_parameters()})
+                remove_masks(base)
+                base.load_state_dict(self._snapshot)
+            if self._masks:
+                apply_masks(base, self._masks)
+            params = {name: torch.stack([state[name] for state in refitted]).requires_grad_(param.requires_grad)
+                      for name, param in base.named_parameters()}
         buffers = {}
         for name, buffer in base.named_buffers():
             stacked = buffer.detach().unsqueeze(0).repeat(count, *[1] * buffer.dim())  # (K, *shape)

@@ -12,7 +12,9 @@ each is scored again from the same dense model (rebuilt by benchmark.py's seed-0
 candidates share one set of recovery batches and the reward split, as within one search round. (The benchmark's
 callback measured its rewards after the first fine-tuning step, with per-seed recovery batches, so the file's own
 rewards differ slightly from these.) Prints the Spearman correlation of reward with test accuracy and the
-milliseconds per candidate (after an untimed warm-up), and writes them to --output. Data and pre-training take
+milliseconds per candidate (after an untimed warm-up), and writes them to --output. The correlation with the same
+models' accuracy on the held-out reward split is printed beside it: compare reward designs on that one, not on test.
+--fidelity_refit_ridges adds rows with the consumers refitted before recovery (RewardEvaluator refit_ridge). Data and pre-training take
 benchmark.py's arguments; its method, seed and search arguments do nothing here, and --budgets picks the policies.
 """
 
@@ -40,6 +42,10 @@ class FidelityArguments(BenchmarkArguments):
                                metadata={"help": "A benchmark.py results JSON whose random_oneshot runs are the policies."})
     fidelity_recovery_steps: list[int] = field(default_factory=lambda: [0, 20, 40, 100, 200],
                                                metadata={"help": "Recovery lengths (Adam steps per candidate) to compare."})
+    fidelity_refit_ridges: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Also score with the consumers refitted (RewardEvaluator refit_ridge) at each of these ridges, "
+                          "at every recovery length."})
     output: str = field(default="results/fidelity.json", metadata={"help": "Where the JSON results go."})
 
 
@@ -88,37 +94,45 @@ def main(argv=None) -> dict:
     reward_batches = list(reward)
     candidates = [widths_from_keep_ratios(setup.dense, run["report"]["policy"]) for run in runs]
     accuracies = [run["test_accuracy"] for run in runs]
-    shared_batches = recovery_batches(setup, max(args.fidelity_recovery_steps + [1]), args.batch_size)
+    # the same fine-tuned models on the held-out reward split: a ranking target that is not the test split
+    held_out = [run["report"]["accuracy"].get("reward_split_pruned") for run in runs]
+    refit_batches = 4
+    shared_batches = recovery_batches(setup, max(args.fidelity_recovery_steps + [refit_batches]), args.batch_size)
     rows = []
 
-    def evaluator_for(steps):
-        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, 1)], recovery_steps=steps, recovery_lr=prune.recovery_lr,
-                                    importance=prune.importance, autocast_dtype=setup.autocast, candidates_per_pass=prune.candidates_per_pass)
+    def evaluator_for(steps, ridge):
+        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, refit_batches)], recovery_steps=steps,
+                                    recovery_lr=prune.recovery_lr, importance=prune.importance, autocast_dtype=setup.autocast,
+                                    candidates_per_pass=prune.candidates_per_pass, refit_ridge=ridge, refit_batches=refit_batches)
         evaluator.begin_round(setup.dense)
         return evaluator
 
-    evaluator_for(1).evaluate_batch(candidates[: prune.candidates_per_pass])  # untimed warm-up: kernels, allocator
-    for steps in args.fidelity_recovery_steps:
-        evaluator = evaluator_for(steps)
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        rewards = evaluator.evaluate_batch(candidates)
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append({"recovery_steps": steps, "spearman": spearman(rewards, accuracies),
-                     "ms_per_candidate": 1000 * (time.perf_counter() - start) / len(candidates), "rewards": rewards})
-        logger.info("recovery %d steps: Spearman %.2f, %.1f ms per candidate", steps, rows[-1]["spearman"], rows[-1]["ms_per_candidate"])
+    evaluator_for(1, None).evaluate_batch(candidates[: prune.candidates_per_pass])  # untimed warm-up: kernels, allocator
+    for ridge in [None] + args.fidelity_refit_ridges:
+        for steps in args.fidelity_recovery_steps:
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()  # the refit's reference outputs (begin_round) count too
+            rewards = evaluator_for(steps, ridge).evaluate_batch(candidates)
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize()
+            rows.append({"refit_ridge": ridge, "recovery_steps": steps, "spearman": spearman(rewards, accuracies),
+                         "spearman_reward_split": spearman(rewards, held_out) if None not in held_out else float("nan"),
+                         "ms_per_candidate": 1000 * (time.perf_counter() - start) / len(candidates), "rewards": rewards})
+            logger.info("refit %s, recovery %d steps: Spearman %.2f (reward split %.2f), %.1f ms per candidate", ridge, steps,
+                        rows[-1]["spearman"], rows[-1]["spearman_reward_split"], rows[-1]["ms_per_candidate"])
     budgets = sorted({run["budget"] for run in runs})
     lines = [f"Reward fidelity on {setup.name} ({len(runs)} random one-shot allocations at MACs budget(s) {budgets}, each fine-tuned "
              f"in {args.policies_from}; device {setup.device.type}):", "",
-             "| recovery steps | Spearman (reward vs test accuracy after fine-tuning) | ms per candidate |", "|---|---|---|"]
-    lines += [f"| {row['recovery_steps']} | {row['spearman']:.2f} | {row['ms_per_candidate']:.1f} |" for row in rows]
+             "| refit ridge | recovery steps | Spearman vs test accuracy after fine-tuning | vs reward-split accuracy after fine-tuning | ms per candidate |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {'–' if row['refit_ridge'] is None else row['refit_ridge']} | {row['recovery_steps']} | {row['spearman']:.2f} | "
+              f"{row['spearman_reward_split']:.2f} | {row['ms_per_candidate']:.1f} |" for row in rows]
     print("\n".join(lines))
     summary = {"command": "python scripts/bench_fidelity.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                "device": torch.cuda.get_device_name(0) if setup.device.type == "cuda" else "cpu",
                "dense_accuracy": setup.dense_accuracy, "policies": [run["report"]["policy"] for run in runs],
-               "test_accuracies": accuracies, "rows": rows, "table": "\n".join(lines)}
+               "test_accuracies": accuracies, "reward_split_accuracies": held_out, "rows": rows, "table": "\n".join(lines)}
     with open(args.output, "w") as handle:
         json.dump(summary, handle, indent=1)
     return summary

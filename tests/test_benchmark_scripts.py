@@ -44,12 +44,16 @@ def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir
     assert len({json.dumps(run["report"]["policy"], sort_keys=True) for run in runs}) == 3  # three different random allocations
 
     summary = bench_fidelity.main(common + ["--dense_model_path", dense_dir, "--policies_from", str(policies), "--fidelity_recovery_steps", "0", "4",
-                                            "--output", str(tmp_path / "fidelity.json")])
+                                            "--fidelity_refit_ridges", "0.1", "--output", str(tmp_path / "fidelity.json")])
     written = json.loads((tmp_path / "fidelity.json").read_text())
     assert [row["rewards"] for row in written["rows"]] == [row["rewards"] for row in summary["rows"]]
     assert summary["test_accuracies"] == [run["test_accuracy"] for run in runs]
-    no_recovery, recovered = summary["rows"]
-    assert (no_recovery["recovery_steps"], recovered["recovery_steps"]) == (0, 4)
+    no_recovery, recovered, refit_only, refit_recovered = summary["rows"]
+    assert [(row["refit_ridge"], row["recovery_steps"]) for row in summary["rows"]] == [(None, 0), (None, 4), (0.1, 0), (0.1, 4)]
+    assert refit_only["rewards"] != no_recovery["rewards"] and refit_recovered["rewards"] != recovered["rewards"]
+    held_out = [run["report"]["accuracy"]["reward_split_pruned"] for run in runs]
+    assert summary["reward_split_accuracies"] == held_out
+    assert all(math.isnan(row["spearman_reward_split"]) or -1.0 <= row["spearman_reward_split"] <= 1.0 for row in summary["rows"])
     # Without recovery a reward is the reward-split accuracy of the dense model masked to the policy's widths.
     args = bench_fidelity.FidelityArguments(task="cifar10", dataset_dir=str(cifar_dir), dense_model_path=dense_dir, batch_size=32)
     setup = benchmark.setup_task(args)

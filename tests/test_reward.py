@@ -28,6 +28,10 @@ def quadrant_batches(num_batches, batch_size, seed):
 
 @pytest.fixture
 def trained_cnn():
+    return train_quadrant_cnn()
+
+
+def train_quadrant_cnn():
     torch.manual_seed(0)
     config = RLPruneCNNConfig(conv_channels=[8, 16], hidden_sizes=[32], num_labels=4, image_size=16, use_batch_norm=True, dropout=0.3)
     model = RLPruneCNNForImageClassification(config)

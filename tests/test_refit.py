@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune.pruning import apply_masks, get_masks, get_prunable_groups
+from hf_rlprune.pruning.refit import refit_consumers, reference_outputs
+from hf_rlprune.reward import RewardEvaluator
+from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_quadrant_cnn
+
+
+def cnn_with_twin_units(use_batch_norm):
+    """Each group has a unit that duplicates another (conv channel 1 = 0, conv channel 3 = 2, neuron 5 = 4): pruning
+    the twin loses information the consumer can get back exactly by doubling the original's weights."""
+    torch.manual_seed(0)
+    config = RLPruneCNNConfig(conv_channels=[8, 16], hidden_sizes=[32], num_labels=4, image_size=16, dropout=0.0,
+                              use_batch_norm=use_batch_norm)
+    model = RLPruneCNNForImageClassification(config)
+    with torch.no_grad():
+        for module, original, twin in ((model.conv_blocks[0], 0, 1), (model.conv_blocks[1], 2, 3)):
+            for tensor in [module.conv.weight, module.conv.bias] + ([module.norm.weight, module.norm.bias, module.norm.running_mean,
+                                                                       module.norm.running_var] if use_batch_norm else []):
+                tensor[twin] = tensor[original]
+        dense = model.hidden_layers[0]
+        dense.weight[5], dense.bias[5] = dense.weight[4], dense.bias[4]
+    return model.eval()
+
+
+def logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**{k: v for k, v in batch.items() if k != "labels"}).logits for batch in batches])
+
+
+def twin_masks(model, group, twin):
+    width = {g.name: g.width for g in get_prunable_groups(model)}[group]
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[twin] = False
+    return {group: keep}
+
+
+@pytest.mark.parametrize("use_batch_norm", [False, True])
+@pytest.mark.parametrize("group, twin", [("conv_blocks.0", 1), ("conv_blocks.1", 3), ("hidden_layers.0", 5)],
+                         ids=["conv-to-conv", "conv-to-flattened-dense", "dense-to-classifier"])
+def test_refit_restores_an_exactly_recoverable_function(use_batch_norm, group, twin):
+    model = cnn_with_twin_units(use_batch_norm)
+    batches = quadrant_batches(3, 32, seed=1)
+    reference, expected = reference_outputs(model, batches), logits(model, batches)
+    masks = twin_masks(model, group, twin)
+    apply_masks(model, masks)
+    lost = (logits(model, batches) - expected).abs().max()
+    refit_consumers(model, masks, batches, reference, ridge=0.0)
+    assert lost > 1e-2 and (logits(model, batches) - expected).abs().max() < 1e-4 * lost.clamp(min=1) + 1e-5
+    if group != "conv_blocks.1":  # with fewer rows (96) than inputs (960) the flattened dense fit is not unique
+        held_out = quadrant_batches(2, 32, seed=9)  # an exact refit generalizes: the twin really was redundant
+        assert torch.allclose(logits(model, held_out), logits(cnn_with_twin_units(use_batch_norm), held_out), atol=1e-4)
+    assert get_masks(model)[group].equal(masks[group])
+    for name, param in model.named_parameters():  # the masked units stay exactly zero
+        if name.startswith(group) and param.dim() >= 1:
+            assert torch.all(param[twin] == 0)
+
+
+def test_refit_of_an_lstm_input_projection():
+    torch.manual_seed(0)
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[6], hidden_sizes=[4])).eval()
+    with torch.no_grad():
+        model.embeddings.weight[:, 3] = model.embeddings.weight[:, 2]  # embedding dimension 3 duplicates 2
+    batches = counting_batches(2, 16, seed=1)
+    reference, expected = reference_outputs(model, batches), logits(model, batches)
+    masks = twin_masks(model, "embeddings", 3)
+    apply_masks(model, masks)
+    refit_consumers(model, masks, batches, reference, ridge=0.0)
+    assert torch.allclose(logits(model, batches), expected, atol=1e-5)
+    assert torch.all(model.embeddings.weight[:, 3] == 0)
+
+
+def test_the_ridge_pulls_towards_the_current_weights():
+    trained = cnn_with_twin_units(False)
+    batches = quadrant_batches(2, 16, seed=1)  # 32 rows, 16 * 16 features into the dense layer: the dual form
+    reference = reference_outputs(trained, batches)
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[:6] = True
+    changes = []
+    for ridge in (0.0, 0.1, 10.0):
+        model = copy.deepcopy(trained)
+        apply_masks(model, {"conv_blocks.1": keep})
+        before = model.hidden_layers[0].weight.detach().clone()
+        refit_consumers(model, {"conv_blocks.1": keep}, batches, reference, ridge=ridge)
+        changes.append(float((model.hidden_layers[0].weight.detach() - before).norm()))
+        if ridge == 0.0:  # more inputs than rows: the calibration outputs are matched exactly
+            rows = torch.cat([model.conv_blocks[1](model.conv_blocks[0](b["pixel_values"])).flatten(1) for b in batches])
+            assert torch.allclose(model.hidden_layers[0](rows), reference["hidden_layers.0.weight"], atol=1e-3)
+    assert changes[0] > changes[1] > changes[2] > 0
+    with pytest.raises(ValueError, match="ridge = -1"):
+        refit_consumers(model, {"conv_blocks.1": keep}, batches, reference, ridge=-1)
+    with pytest.raises(ValueError, match="same batches"):
+        refit_consumers(model, {"conv_blocks.1": keep}, batches[:1], reference)
+
+
+def test_refitted_rewards_stacked_and_one_at_a_time():
+    trained_cnn = train_quadrant_cnn()
+
+    def evaluator(per_pass, ridge, steps=0):
+        return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(4, 32, seed=3), recovery_steps=steps, recovery_lr=3e-3,
+                               candidates_per_pass=per_pass, stack_candidates=True, refit_ridge=ridge)
+
+    rewards = {}
+    for key in [(1, None), (1, 0.1), (4, 0.1), (4, None)]:
+        reward = evaluator(*key)
+        reward.begin_round(trained_cnn)
+        rewards[key] = reward.evaluate_batch(CANDIDATES)
+    assert rewards[(4, 0.1)] == pytest.approx(rewards[(1, 0.1)], abs=1 / 256 + 1e-9)
+    assert rewards[(1, 0.1)][0] == pytest.approx(rewards[(1, None)][0], abs=2 / 256)  # nothing pruned: nothing to refit
+    assert sum(rewards[(1, 0.1)][1:3]) > sum(rewards[(1, None)][1:3])  # the refit recovers pruned accuracy
+    with pytest.raises(ValueError, match="refit_ridge need recovery batches"):
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=0.1).begin_round(trained_cnn)
+    with pytest.raises(ValueError, match="refit_ridge = -0.5"):
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=-0.5)
+
