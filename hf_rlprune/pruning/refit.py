@@ -36,9 +36,10 @@ def _module_and_param(model: nn.Module, tensor_name: str) -> tuple[str, nn.Modul
 def _linear_map(module: nn.Module, param_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The consumer's weight as (out, in features) and its bias: what the rows of `_rows` multiply."""
     if isinstance(module, nn.LSTM):  # the input projection of the gates: weight_ih_l0 and bias_ih_l0
-        return getattr(module, param_name), getattr(module, param_name.replace("weight", "bias"), None)
+        weight, bias = getattr(module, param_name), getattr(module, param_name.replace("weight", "bias"), None)
+        return weight.float(), bias.float() if bias is not None else None
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return module.weight.flatten(1), module.bias
+        return module.weight.flatten(1).float(), module.bias.float() if module.bias is not None else None
     raise TypeError(f"Cannot refit a {type(module).__name__} consumer; refit knows Linear, Conv2d and LSTM input projections.")
 
 
@@ -62,7 +63,7 @@ def _rows(module: nn.Module, inputs: torch.Tensor, max_rows: int) -> torch.Tenso
     else:
         rows = inputs.reshape(-1, inputs.shape[-1])  # (N[*T], in)
     stride = -(-rows.shape[0] // max_rows)
-    return rows[::stride]
+    return rows[::stride].float()  # inputs captured under autocast are half precision
 
 
 def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,7 @@ def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: l
             updated = param.detach().flatten(1).clone()  # (out, in features)
             updated[:, columns] += delta.to(updated.dtype)
             param.copy_(updated.view_as(param))
-            if bias is not None:
-                bias.add_(bias_delta.to(bias.dtype))
+            if bias is not None:  # `bias` may be a float copy: update the parameter itself
+                bias_param = getattr(module, param_name.replace("weight", "bias") if isinstance(module, nn.LSTM) else "bias")
+                bias_param.add_(bias_delta.to(bias_param.dtype))
             enforce_masks(model)  # the consumer may produce a masked group itself: its pruned units stay dead
