@@ -132,7 +132,8 @@ class RewardEvaluator:
         if recovery_batches is not None:
             self.recovery_batches = [move_to_device(b, device) for b in recovery_batches]
         if (self.recovery_steps or self.refit_ridge is not None) and not self.recovery_batches:
-            raise ValueError("recovery_steps > 0 and refit_ridge need recovery batches (training batches).")
+            needs = f"recovery_steps = {self.recovery_steps}" if self.recovery_steps else f"refit_ridge = {self.refit_ridge}"
+            raise ValueError(f"{needs} needs recovery batches (training batches); pass recovery_batches.")
         self._snapshot = {key: value.detach().clone() for key, value in model.state_dict().items()}
         self._masks = get_masks(model)
         self._taylor = taylor
@@ -140,11 +141,16 @@ class RewardEvaluator:
             self._scratch = type(model)(model.config).to(device)
         self._scratch.train(model.training)
         if self.refit_ridge is not None:  # what every candidate's consumers are refitted to: this round's model
+            # measured on the scratch copy, as the candidates are: the live model may run under a Trainer's autocast
             self._calibration = self.recovery_batches[: self.refit_batches]
-            was_training = model.training
-            model.eval()
-            self._reference = reference_outputs(model, self._calibration)
-            model.train(was_training)
+            scratch = self._scratch
+            remove_masks(scratch)
+            scratch.load_state_dict(self._snapshot)
+            if self._masks:
+                apply_masks(scratch, self._masks)
+            scratch.eval()
+            self._reference = reference_outputs(scratch, self._calibration)
+            scratch.train(model.training)
 
     def _refit(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         """Refit the consumers of the masked groups of `model` (in eval mode: no dropout) to the round's model."""
@@ -154,7 +160,8 @@ class RewardEvaluator:
         model.train(was_training)
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
-        """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks)."""
+        """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks), its
+        consumers refitted when `refit_ridge` is set."""
         scratch = self._scratch
         remove_masks(scratch)
         scratch.load_state_dict(self._snapshot)

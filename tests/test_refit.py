@@ -5,7 +5,7 @@ import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import apply_masks, get_masks, get_prunable_groups
-from hf_rlprune.pruning.refit import refit_consumers, reference_outputs
+from hf_rlprune.pruning.refit import _rows, refit_consumers, reference_outputs
 from hf_rlprune.reward import RewardEvaluator
 from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_quadrant_cnn
 
@@ -89,7 +89,7 @@ def test_the_ridge_pulls_towards_the_current_weights():
         changes.append(float((model.hidden_layers[0].weight.detach() - before).norm()))
         if ridge == 0.0:  # more inputs than rows: the calibration outputs are matched exactly
             rows = torch.cat([model.conv_blocks[1](model.conv_blocks[0](b["pixel_values"])).flatten(1) for b in batches])
-            assert torch.allclose(model.hidden_layers[0](rows), reference["hidden_layers.0.weight"], atol=1e-3)
+            assert torch.allclose(model.hidden_layers[0](rows).double(), reference["hidden_layers.0.weight"], atol=1e-3)
     assert changes[0] > changes[1] > changes[2] > 0
     with pytest.raises(ValueError, match="ridge = -1"):
         refit_consumers(model, {"conv_blocks.1": keep}, batches, reference, ridge=-1)
@@ -110,10 +110,58 @@ def test_refitted_rewards_stacked_and_one_at_a_time():
         reward.begin_round(trained_cnn)
         rewards[key] = reward.evaluate_batch(CANDIDATES)
     assert rewards[(4, 0.1)] == pytest.approx(rewards[(1, 0.1)], abs=1 / 256 + 1e-9)
-    assert rewards[(1, 0.1)][0] == pytest.approx(rewards[(1, None)][0], abs=2 / 256)  # nothing pruned: nothing to refit
+    assert rewards[(1, 0.1)][0] == rewards[(1, None)][0]  # nothing pruned: nothing refitted
     assert sum(rewards[(1, 0.1)][1:3]) > sum(rewards[(1, None)][1:3])  # the refit recovers pruned accuracy
-    with pytest.raises(ValueError, match="refit_ridge need recovery batches"):
+    live = train_quadrant_cnn()
+
+    def wrapped_forward(*args, **kwargs):  # e.g. a Trainer's autocast wrapper: the reference must not come from here
+        raise AssertionError("the live model ran")
+
+    live.forward = wrapped_forward
+    reward = evaluator(1, 0.1)
+    reward.begin_round(live)
+    assert reward.evaluate_batch(CANDIDATES) == rewards[(1, 0.1)]
+    with pytest.raises(ValueError, match="refit_ridge = 0.1 needs recovery batches"):
         RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=0.1).begin_round(trained_cnn)
     with pytest.raises(ValueError, match="refit_ridge = -0.5"):
         RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=-0.5)
 
+
+
+def test_calibration_rows_are_a_random_subset_of_positions():
+    # A strided subset of (image, row, column)-ordered patches can land on one image column; the subset is random.
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    inputs = torch.zeros(4, 2, 8, 8)
+    inputs[:, 0] = torch.arange(8.0)  # channel 0 holds each pixel's column index
+    rows = _rows(conv, inputs, None, max_rows=32, seed=0)  # 256 patches, a stride of 8 would keep column 0 only
+    assert rows.shape == (32, 18) and rows.dtype == torch.float64
+    centre_columns = rows[:, 4]  # channel 0, centre tap
+    assert len(set(centre_columns.tolist())) >= 5
+    assert torch.equal(rows, _rows(conv, inputs, None, max_rows=32, seed=0))  # seeded: reference and candidate pair up
+
+
+def test_lstm_calibration_batches_of_different_lengths_drop_padding():
+    torch.manual_seed(0)
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[6], hidden_sizes=[4])).eval()
+    with torch.no_grad():
+        model.embeddings.weight[:, 3] = model.embeddings.weight[:, 2]
+    batches = counting_batches(1, 16, seed=1, steps=12) + counting_batches(1, 16, seed=2, steps=7)
+    reference = reference_outputs(model, batches)
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert reference["lstm_layers.0.weight_ih_l0"].shape[0] == real_tokens  # padded positions are not fitted
+    expected = [logits(model, [batch]) for batch in batches]
+    masks = twin_masks(model, "embeddings", 3)
+    apply_masks(model, masks)
+    refit_consumers(model, masks, batches, reference, ridge=0.0)
+    for batch, before in zip(batches, expected):
+        assert torch.allclose(logits(model, [batch]), before, atol=1e-5)
+
+
+def test_refit_with_few_calibration_rows_still_restores_a_conv():
+    model = cnn_with_twin_units(False)
+    batches = quadrant_batches(3, 32, seed=1)
+    reference, expected = reference_outputs(model, batches, max_rows=150), logits(model, batches)
+    masks = twin_masks(model, "conv_blocks.0", 1)
+    apply_masks(model, masks)
+    refit_consumers(model, masks, batches, reference, ridge=0.0, max_rows=150)  # 150 of 24,576 patches, 63 features
+    assert torch.allclose(logits(model, batches), expected, atol=1e-4)

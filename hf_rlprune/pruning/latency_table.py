@@ -363,8 +363,8 @@ class LatencyTable:
         config = _config_of(model_or_config)
         try:
             table = cls.load(path)
-        except FileNotFoundError as error:
-            raise ValueError(f"Latency table {path} does not exist; measure one on the deployment machine with "
+        except (FileNotFoundError, IsADirectoryError) as error:
+            raise ValueError(f"Latency table {path} does not exist (or is a folder: name the JSON file); measure one on the deployment machine with "
                              "`python scripts/bench_latency.py --save_tables DIR` (or LatencyTable.build(...).save(path)).") from error
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a readable latency table ({type(error).__name__}: {error}); measure it again.") from error

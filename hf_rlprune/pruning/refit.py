@@ -37,9 +37,9 @@ def _linear_map(module: nn.Module, param_name: str) -> tuple[torch.Tensor, torch
     """The consumer's weight as (out, in features) and its bias: what the rows of `_rows` multiply."""
     if isinstance(module, nn.LSTM):  # the input projection of the gates: weight_ih_l0 and bias_ih_l0
         weight, bias = getattr(module, param_name), getattr(module, param_name.replace("weight", "bias"), None)
-        return weight.float(), bias.float() if bias is not None else None
+        return weight.double(), bias.double() if bias is not None else None
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return module.weight.flatten(1).float(), module.bias.float() if module.bias is not None else None
+        return module.weight.flatten(1).double(), module.bias.double() if module.bias is not None else None
     raise TypeError(f"Cannot refit a {type(module).__name__} consumer; refit knows Linear, Conv2d and LSTM input projections.")
 
 
@@ -53,17 +53,26 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int]:
     return conv.padding
 
 
-def _rows(module: nn.Module, inputs: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """The consumer's input as rows of features: (N, in) for dense, (N * T, in) for an LSTM, (N * L, C * k * k) patches
-    for a conv, in the order of `_linear_map`'s columns; every s-th row where there are more than `max_rows` (the
-    same rows for every model, so reference and masked rows pair up)."""
+def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, max_rows: int, seed: int) -> torch.Tensor:
+    """One batch's input to the consumer as float64 rows of features, in the order of `_linear_map`'s columns:
+    (N, in) for dense, (real tokens, in) for an LSTM (padding dropped), (N * L, C * k * k) patches for a conv. Over
+    `max_rows`, a random subset (seeded: the same rows for every model on the same batch, so reference and masked
+    rows pair up; random, not strided, so no image column or token position is favoured)."""
     if isinstance(module, nn.Conv2d):
         patches = F.unfold(inputs, module.kernel_size, module.dilation, _padding(module), module.stride)  # (N, C*k*k, L)
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*k*k)
+    elif inputs.dim() == 3 and mask is not None and mask.shape == inputs.shape[:2]:
+        rows = inputs[mask.to(inputs.device).bool()]  # (real tokens, in): padding never reaches the prediction
     else:
         rows = inputs.reshape(-1, inputs.shape[-1])  # (N[*T], in)
-    stride = -(-rows.shape[0] // max_rows)
-    return rows[::stride].float()  # inputs captured under autocast are half precision
+    if rows.shape[0] > max_rows:
+        chosen = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+        rows = rows[chosen.to(rows.device)]
+    return rows.double()  # inputs captured under autocast are half precision; TF32 matmuls would be too coarse
+
+
+def _batch_mask(batch: dict) -> torch.Tensor | None:
+    return batch.get("attention_mask")
 
 
 def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.Tensor) -> torch.Tensor:
@@ -75,55 +84,47 @@ def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.T
     return columns
 
 
-def consumer_inputs(model: nn.Module, batches: list[dict], module_names: list[str]) -> dict[str, torch.Tensor]:
-    """What each named module receives when `model` runs on `batches` (concatenated over batches)."""
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: captured[name].append(args[0].detach()))
-        for name in module_names
-    ]
+def _consumer_rows(model: nn.Module, batches: list[dict], module_names: list[str], max_rows: int,
+                   stop_after: str | None = None) -> dict[str, torch.Tensor]:
+    """Rows (`_rows`) of what each named module receives when `model` runs on `batches`, concatenated over batches;
+    with `stop_after`, each forward stops once that module's input is known."""
+    captured: dict[str, torch.Tensor] = {}
+    per_batch = max(1, max_rows // max(1, len(batches)))
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+
+    def hook(module, args, name):
+        captured[name] = args[0].detach()
+        if name == stop_after:
+            raise _Captured
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: hook(module, args, name))
+               for name in module_names]
     try:
         with torch.no_grad():
-            for batch in batches:
-                model(**{key: value for key, value in batch.items() if key != "labels"})
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(values) for name, values in captured.items()}
-
-
-def _input_of(model: nn.Module, batches: list[dict], module_name: str) -> torch.Tensor:
-    """The input of one module, stopping each forward as soon as it is known."""
-    captured = []
-
-    def hook(module, args):
-        captured.append(args[0].detach())
-        raise _Captured
-
-    handle = model.get_submodule(module_name).register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                captured.clear()
                 try:
                     model(**{key: value for key, value in batch.items() if key != "labels"})
                 except _Captured:
                     pass
+                for name in module_names:
+                    rows[name].append(_rows(model.get_submodule(name), captured[name], _batch_mask(batch), per_batch, seed=index))
     finally:
-        handle.remove()
-    return torch.cat(captured)
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(values) for name, values in rows.items()}
 
 
 def reference_outputs(model: nn.Module, batches: list[dict], max_rows: int = MAX_ROWS) -> dict[str, torch.Tensor]:
     """Per consumer tensor name, the rows of its linear map's output on `batches` in `model` (the reference)."""
     consumers = [slice_.name for group in get_prunable_groups(model) for slice_ in group.consumers]
     modules = {name: _module_and_param(model, name) for name in consumers}
-    inputs = consumer_inputs(model, batches, sorted({module_name for module_name, _, _ in modules.values()}))
+    inputs = _consumer_rows(model, batches, sorted({module_name for module_name, _, _ in modules.values()}), max_rows)
     outputs = {}
     with torch.no_grad():
         for name, (module_name, module, param_name) in modules.items():
             weight, bias = _linear_map(module, param_name)
-            rows = _rows(module, inputs[module_name], max_rows)
-            outputs[name] = rows @ weight.T + (bias if bias is not None else 0.0)  # (rows, out)
+            outputs[name] = inputs[module_name] @ weight.T + (bias if bias is not None else 0.0)  # (rows, out)
     return outputs
 
 
@@ -152,13 +153,17 @@ def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: l
     (`reference_outputs` of the unpruned model on the same `batches`). Masked weights stay zero."""
     if ridge < 0:
         raise ValueError(f"ridge = {ridge} must be >= 0 (0: plain least squares).")
+    upstream_pruned = False
     for group in get_prunable_groups(model):
         keep = masks[group.name].bool() if group.name in masks else torch.ones(group.width, dtype=torch.bool)
+        upstream_pruned = upstream_pruned or not bool(keep.all())
+        if not upstream_pruned:  # nothing before this consumer changed: it already reproduces the reference
+            continue
         for slice_ in group.consumers:
             module_name, module, param_name = _module_and_param(model, slice_.name)
             weight, bias = _linear_map(module, param_name)
             columns = _kept_columns(module, group, slice_, keep).to(weight.device)
-            rows = _rows(module, _input_of(model, batches, module_name), max_rows)
+            rows = _consumer_rows(model, batches, [module_name], max_rows, stop_after=module_name)[module_name]
             if rows.shape[0] != reference[slice_.name].shape[0]:
                 raise ValueError(f"{slice_.name}: {rows.shape[0]} calibration rows against {reference[slice_.name].shape[0]} in the "
                                  "reference; compute reference_outputs on the same batches.")
@@ -168,7 +173,7 @@ def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: l
             updated = param.detach().flatten(1).clone()  # (out, in features)
             updated[:, columns] += delta.to(updated.dtype)
             param.copy_(updated.view_as(param))
-            if bias is not None:  # `bias` may be a float copy: update the parameter itself
+            if bias is not None:  # `bias` is a float64 copy: update the parameter itself
                 bias_param = getattr(module, param_name.replace("weight", "bias") if isinstance(module, nn.LSTM) else "bias")
                 bias_param.add_(bias_delta.to(bias_param.dtype))
             enforce_masks(model)  # the consumer may produce a masked group itself: its pruned units stay dead
