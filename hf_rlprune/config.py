@@ -66,8 +66,8 @@ class RLPruneConfig:
         default=None,
         metadata={"help": "Refit each candidate's pruned layers' consumers by ridge least squares to the unpruned outputs "
                           "(4 training batches) before its recovery: this ridge strength, relative to the inputs' mean "
-                          "eigenvalue (e.g. 0.01). Unset: no refit. Reference CNN: Spearman 0.93 at 20 recovery steps with 0.01, "
-                          "0.43 without; the searches themselves did not gain (README)."},
+                          "eigenvalue (e.g. 0.01). Unset: no refit. Reference CNN: Spearman 0.87 at 20 recovery steps with 0.01, "
+                          "0.43 without (scripts/bench_fidelity.py); the searches' gains are within noise (README)."},
     )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})

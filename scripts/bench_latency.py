@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 from hf_rlprune import PruningEnv, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import LatencyTable, compute_macs, config_with_widths, get_prunable_groups, measure_latency
@@ -48,6 +48,11 @@ from hf_rlprune.tasks import CNN_PRESETS
 @dataclass
 class BenchLatencyArguments:
     models: list[str] = field(default_factory=lambda: ["cnn", "lstm"], metadata={"help": "Models for the error part (a): cnn, lstm."})
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "A saved model (or config) folder: part (a) measures its structure instead of the reference model of "
+                          "its kind (e.g. the IMDB LSTM's vocabulary, sequence length, pooling); --save_tables then writes "
+                          "the table that model's runs can use."})
     runtime: str = field(default="onnxruntime", metadata={"help": "onnxruntime or torch."})
     device: str = field(default="cpu", metadata={"help": "cpu, or cuda with --runtime torch."})
     batch_size: int = field(default=128, metadata={"help": "Batch size of every measurement."})
@@ -113,8 +118,17 @@ def build_table(config, args: BenchLatencyArguments) -> tuple[LatencyTable, floa
     return table, time.perf_counter() - start
 
 
+def model_config(name: str, args: BenchLatencyArguments):
+    """The reference model of kind `name`, or the --model_config model when it is of that kind."""
+    if args.model_config:
+        config = AutoConfig.from_pretrained(args.model_config)
+        if isinstance(config, MODELS[name][0]):
+            return config
+    return MODELS[name][0]()
+
+
 def model_error(name: str, args: BenchLatencyArguments, tables: dict) -> dict:
-    config = MODELS[name][0]()
+    config = model_config(name, args)
     table, build_seconds = build_table(config, args)
     tables[name] = table
     rng = random.Random(args.seed)
@@ -161,7 +175,7 @@ def allocations_for_budget(config, table: LatencyTable, budget: float, args: Ben
 
 
 def budget_comparison(args: BenchLatencyArguments, tables: dict) -> list[dict]:
-    config = RLPruneCNNConfig()
+    config = model_config("cnn", args)
     table = tables["cnn"] if "cnn" in tables else build_table(config, args)[0]
     dense_macs = compute_macs(config)
     plans = []
@@ -256,6 +270,13 @@ def main(argv=None):
     (args,) = HfArgumentParser(BenchLatencyArguments).parse_args_into_dataclasses(args=argv)
     warnings.filterwarnings("ignore", module="torch.onnx")  # exporter chatter, once per exported model
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    if args.model_config:  # that model's kind only
+        config = AutoConfig.from_pretrained(args.model_config)
+        kinds = [name for name, (config_class, _) in MODELS.items() if isinstance(config, config_class)]
+        if not kinds:
+            raise ValueError(f"--model_config {args.model_config} holds a {type(config).__name__}; latency tables know "
+                             "RLPruneCNNConfig and RLPruneLSTMConfig models.")
+        args.models = kinds
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise ValueError(f"Unknown model(s) {unknown}; choose from {sorted(MODELS)}.")

@@ -112,3 +112,21 @@ def test_policies_searched_elsewhere_are_measured_here(tmp_path, monkeypatch, sc
         bench_latency.main(common + ["--policies_from", str(tmp_path / "imdb.json")])
     with pytest.raises(ValueError, match="batch_size"):  # a table for another batch size is refused
         bench_latency.main(common[2:] + ["--batch_size", "16", "--policies_from", str(tmp_path / "runs.json"), "--policies_table", str(table_path)])
+
+
+def test_a_deployment_table_for_a_saved_models_own_structure(tmp_path, monkeypatch):
+    from hf_rlprune import RLPruneLSTMConfig
+    from hf_rlprune.pruning import LatencyTable
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench_latency = importlib.import_module("bench_latency")
+    config = RLPruneLSTMConfig(vocab_size=50, embedding_dim=16, lstm_hidden_sizes=[16], hidden_sizes=[8], max_seq_length=12, pooling="mean")
+    config.save_pretrained(tmp_path / "model")
+    bench_latency.main(["--model_config", str(tmp_path / "model"), "--compare_budgets", "false", "--batch_size", "4", "--grid", "2",
+                        "--table_repeats", "1", "--table_passes", "1", "--allocations", "2", "--rounds", "1", "--repeats", "1",
+                        "--warmup", "0", "--save_tables", str(tmp_path / "tables"), "--output", str(tmp_path / "out.json")])
+    assert sorted(path.name for path in (tmp_path / "tables").iterdir()) == ["lstm.json"]  # that model's kind only
+    table = LatencyTable.load_for(tmp_path / "tables" / "lstm.json", config, "onnxruntime", batch_size=4)  # its structure
+    assert table.key["structure"]["pooling"] == "mean" and table.key["seq_len"] == 12
+    with pytest.raises(ValueError, match="structure"):
+        LatencyTable.load_for(tmp_path / "tables" / "lstm.json", RLPruneLSTMConfig(), "onnxruntime", batch_size=4)
