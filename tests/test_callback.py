@@ -184,3 +184,15 @@ def test_two_process_ddp_applies_identical_masks(tmp_path):
     assert ranks[0] == ranks[1]
     assert len(ranks[0]["history"]) == 2
     assert (tmp_path / "out" / "pruned" / "model.safetensors").exists()  # written once, by rank 0
+
+
+def test_refit_reward_through_the_trainer_with_and_without_recovery(tmp_path):
+    # The refit needs training batches even without recovery steps; the budget holds and the same seed repeats.
+    runs = {}
+    for steps in (0, 2):
+        _, runs[steps] = train(tmp_path / f"refit{steps}", prune_config(refit_ridge=0.01, recovery_steps=steps))
+        assert runs[steps].history[-1]["macs_ratio"] <= 0.3 and runs[steps].reward_evaluations == 8
+    _, again = train(tmp_path / "again", prune_config(refit_ridge=0.01, recovery_steps=0))
+    assert [h["masks_sha1"] for h in again.history] == [h["masks_sha1"] for h in runs[0].history]
+    _, plain = train(tmp_path / "plain", prune_config(recovery_steps=0))
+    assert [h["reward"] for h in plain.history] != [h["reward"] for h in runs[0].history]  # the refit changed the rewards
