@@ -143,14 +143,19 @@ class RewardEvaluator:
         if self.refit_ridge is not None:  # what every candidate's consumers are refitted to: this round's model
             # measured on the scratch copy, as the candidates are: the live model may run under a Trainer's autocast
             self._calibration = self.recovery_batches[: self.refit_batches]
-            scratch = self._scratch
-            remove_masks(scratch)
-            scratch.load_state_dict(self._snapshot)
-            if self._masks:
-                apply_masks(scratch, self._masks)
+            scratch = self._load_round()
             scratch.eval()
             self._reference = reference_outputs(scratch, self._calibration)
             scratch.train(model.training)
+
+    def _load_round(self) -> nn.Module:
+        """The scratch model reset to the round's weights and masks."""
+        scratch = self._scratch
+        remove_masks(scratch)
+        scratch.load_state_dict(self._snapshot)
+        if self._masks:
+            apply_masks(scratch, self._masks)  # nested ranking: units the round already pruned stay pruned
+        return scratch
 
     def _refit(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         """Refit the consumers of the masked groups of `model` (in eval mode: no dropout) to the round's model."""
@@ -162,11 +167,7 @@ class RewardEvaluator:
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
         """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks), its
         consumers refitted when `refit_ridge` is set."""
-        scratch = self._scratch
-        remove_masks(scratch)
-        scratch.load_state_dict(self._snapshot)
-        if self._masks:
-            apply_masks(scratch, self._masks)
+        scratch = self._load_round()
         masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
         apply_masks(scratch, masks)
         if self.refit_ridge is not None:
@@ -211,11 +212,7 @@ class RewardEvaluator:
             return self._evaluate_stacked_pass(candidates)
 
     def _evaluate_stacked_pass(self, candidates: list[dict[str, int]]) -> list[float]:
-        base = self._scratch
-        remove_masks(base)
-        base.load_state_dict(self._snapshot)
-        if self._masks:
-            apply_masks(base, self._masks)  # nested ranking: units the round already pruned stay pruned
+        base = self._load_round()
         candidate_masks = [masks_from_widths(base, widths, self.importance, taylor=self._taylor, seed=self.seed) for widths in candidates]
         multipliers = [mask_multipliers(base, masks) for masks in candidate_masks]
         # (K, *broadcastable shape) per masked tensor: every candidate masks every group, so all share the same names
@@ -232,10 +229,7 @@ class RewardEvaluator:
                 apply_masks(base, masks)
                 self._refit(base, masks)
                 refitted.append({name: param.detach().clone() for name, param in base.named_parameters()})
-                remove_masks(base)
-                base.load_state_dict(self._snapshot)
-            if self._masks:
-                apply_masks(base, self._masks)
+                self._load_round()
             params = {name: torch.stack([state[name] for state in refitted]).requires_grad_(param.requires_grad)
                       for name, param in base.named_parameters()}
         buffers = {}

@@ -71,10 +71,6 @@ def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, ma
     return rows.double()  # inputs captured under autocast are half precision; TF32 matmuls would be too coarse
 
 
-def _batch_mask(batch: dict) -> torch.Tensor | None:
-    return batch.get("attention_mask")
-
-
 def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.Tensor) -> torch.Tensor:
     units = torch.nonzero(keep.cpu()).flatten()
     columns = slice_.indices(units)  # along the weight's dim 1
@@ -108,7 +104,7 @@ def _consumer_rows(model: nn.Module, batches: list[dict], module_names: list[str
                 except _Captured:
                     pass
                 for name in module_names:
-                    rows[name].append(_rows(model.get_submodule(name), captured[name], _batch_mask(batch), per_batch, seed=index))
+                    rows[name].append(_rows(model.get_submodule(name), captured[name], batch.get("attention_mask"), per_batch, seed=index))
     finally:
         for handle in handles:
             handle.remove()
