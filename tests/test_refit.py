@@ -165,3 +165,24 @@ def test_refit_with_few_calibration_rows_still_restores_a_conv():
     apply_masks(model, masks)
     refit_consumers(model, masks, batches, reference, ridge=0.0, max_rows=150)  # 150 of 24,576 patches, 63 features
     assert torch.allclose(logits(model, batches), expected, atol=1e-4)
+
+
+def test_refitted_lstm_rewards_stacked_and_one_at_a_time():
+    # The refit runs inside the stacked pass's block-diagonal LSTM context; it must give the one-at-a-time rewards.
+    torch.manual_seed(0)
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in counting_batches(150, 32, seed=1):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    candidates = [{"lstm_layers.0": 16}, {"lstm_layers.0": 4, "embeddings": 3}, {"hidden_layers.0": 2},
+                  {"lstm_layers.0": 6, "embeddings": 4, "hidden_layers.0": 3}]
+    rewards = {}
+    for per_pass, ridge in [(1, None), (1, 0.01), (4, 0.01)]:
+        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(4, 32, seed=3), recovery_steps=3, recovery_lr=3e-3,
+                                 candidates_per_pass=per_pass, stack_candidates=True, refit_ridge=ridge)
+        reward.begin_round(model)
+        rewards[per_pass, ridge] = reward.evaluate_batch(candidates)
+    assert rewards[4, 0.01] == pytest.approx(rewards[1, 0.01], abs=1 / 256 + 1e-9)
+    assert rewards[1, 0.01] != rewards[1, None]
