@@ -7,7 +7,7 @@ from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPru
 from hf_rlprune.pruning import apply_masks, get_masks, get_prunable_groups
 from hf_rlprune.pruning.refit import _rows, refit_consumers, reference_outputs
 from hf_rlprune.reward import RewardEvaluator
-from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_quadrant_cnn
+from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_counting_lstm, train_quadrant_cnn
 
 
 def cnn_with_twin_units(use_batch_norm):
@@ -169,13 +169,7 @@ def test_refit_with_few_calibration_rows_still_restores_a_conv():
 
 def test_refitted_lstm_rewards_stacked_and_one_at_a_time():
     # The refit runs inside the stacked pass's block-diagonal LSTM context; it must give the one-at-a-time rewards.
-    torch.manual_seed(0)
-    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for batch in counting_batches(150, 32, seed=1):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
+    model = train_counting_lstm()
     candidates = [{"lstm_layers.0": 16}, {"lstm_layers.0": 4, "embeddings": 3}, {"hidden_layers.0": 2},
                   {"lstm_layers.0": 6, "embeddings": 4, "hidden_layers.0": 3}]
     rewards = {}

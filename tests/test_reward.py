@@ -98,18 +98,24 @@ def counting_batches(num_batches, batch_size, seed, vocab_size=20, steps=12):
     return batches
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_stacked_lstm_candidates_match_one_at_a_time(pooling):
-    # The block-diagonal LSTM rule (batched_lstm) stacks LSTM candidates; dropout and the padding gather stay exact.
+def train_counting_lstm(pooling="last"):
+    """A small LSTM trained on the counting task (dropout on, so stacked passes must share its stream)."""
     torch.manual_seed(0)
     config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2, pooling=pooling)
     model = RLPruneLSTMForSequenceClassification(config)
-    assert supports_stacked_candidates(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for batch in counting_batches(150, 32, seed=1):
         optimizer.zero_grad()
         model(**batch).loss.backward()
         optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_stacked_lstm_candidates_match_one_at_a_time(pooling):
+    # The block-diagonal LSTM rule (batched_lstm) stacks LSTM candidates; dropout and the padding gather stay exact.
+    model = train_counting_lstm(pooling)
+    assert supports_stacked_candidates(model)
     candidates = [{"lstm_layers.0": 16}, {"lstm_layers.0": 4, "embeddings": 3}, {"hidden_layers.0": 2},
                   {"lstm_layers.0": 1, "embeddings": 1, "hidden_layers.0": 1}]
     rewards = []
