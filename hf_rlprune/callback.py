@@ -261,8 +261,10 @@ class RLPruneCallback(TrainerCallback):
             policy.update()  # learn from this round's leftover episodes: the next round has another budget and weights
         widths = result.best_info["widths"]
         masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.prune_seed)
+        refit = cfg.refit_ridge is not None and cfg.refit_applied
         return {
             "masks": {name: mask.tolist() for name, mask in masks.items()},
+            "refitted": self._evaluator.refitted_parameters(widths) if refit else {},
             "reward": result.best_reward,
             "accuracy": result.best_info["accuracy"],
             "evaluations": result.num_evaluations,
@@ -286,6 +288,9 @@ class RLPruneCallback(TrainerCallback):
         decision = _broadcast(decision)
         masks = {name: torch.tensor(mask, dtype=torch.bool) for name, mask in decision["masks"].items()}
         apply_masks(model, masks)
+        with torch.no_grad():  # the refitted consumers (masked units already zero), as the reward scored them
+            for name, value in decision["refitted"].items():
+                model.get_parameter(name).copy_(value)
         if optimizer is not None:
             enforce_masks(model, _inner_optimizer(optimizer))
         self.rounds_done += 1

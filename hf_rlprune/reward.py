@@ -157,12 +157,26 @@ class RewardEvaluator:
             apply_masks(scratch, self._masks)  # nested ranking: units the round already pruned stay pruned
         return scratch
 
-    def _refit(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-        """Refit the consumers of the masked groups of `model` (in eval mode: no dropout) to the round's model."""
+    def _refit(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str]:
+        """Refit the consumers of the masked groups of `model` (in eval mode: no dropout) to the round's model;
+        the names of the parameters changed."""
         was_training = model.training
         model.eval()
-        refit_consumers(model, masks, self._calibration, self._reference, ridge=self.refit_ridge)
+        names = refit_consumers(model, masks, self._calibration, self._reference, ridge=self.refit_ridge)
         model.train(was_training)
+        return names
+
+    def refitted_parameters(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The parameters the refit changes for the allocation `widths` (masked as `masked_copy` masks it), on the
+        CPU: what the trained model takes when this allocation is applied, so training continues from the weights
+        the reward scored."""
+        if self.refit_ridge is None:
+            raise RuntimeError("refitted_parameters needs refit_ridge to be set.")
+        scratch = self._load_round()
+        masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
+        apply_masks(scratch, masks)
+        names = self._refit(scratch, masks)
+        return {name: scratch.get_parameter(name).detach().cpu().clone() for name in names}
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
         """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks), its

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageClassification, Trainer, TrainerCallba
 from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
 from hf_rlprune.callback import STATE_FILE
 from hf_rlprune.pruning import compute_macs
+from hf_rlprune.reward import batched_accuracy
 
 TINY_CNN = dict(conv_channels=[8, 16], hidden_sizes=[32], image_size=8)
 
@@ -31,7 +32,7 @@ def prune_config(**overrides):
     return RLPruneConfig(**{**values, **overrides})
 
 
-def train(output_dir, config=None, extra_callbacks=(), resume=None, **training_overrides):
+def train(output_dir, config=None, extra_callbacks=(), resume=None, trailing_callbacks=(), **training_overrides):
     torch.manual_seed(0)
     model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
     train_set, reward_set = tiny_data()
@@ -40,7 +41,7 @@ def train(output_dir, config=None, extra_callbacks=(), resume=None, **training_o
     args = TrainingArguments(str(output_dir), **{**values, **training_overrides})
     callback = RLPruneCallback(config or prune_config(), reward_dataset=reward_set)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=reward_set,
-                      callbacks=[*extra_callbacks, callback], compute_metrics=_accuracy)
+                      callbacks=[*extra_callbacks, callback, *trailing_callbacks], compute_metrics=_accuracy)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 
@@ -196,3 +197,49 @@ def test_refit_reward_through_the_trainer_with_and_without_recovery(tmp_path):
     assert [h["masks_sha1"] for h in again.history] == [h["masks_sha1"] for h in runs[0].history]
     _, plain = train(tmp_path / "plain", prune_config(recovery_steps=0))
     assert [h["reward"] for h in plain.history] != [h["reward"] for h in runs[0].history]  # the refit changed the rewards
+
+
+def pattern_data(n=192, seed=0):
+    """Four classes, each a fixed random image plus noise: learnt in a few dozen steps, unlike `tiny_data`."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    patterns = torch.randn(4, 3, 8, 8, generator=generator)
+    pixels = torch.randn(n, 3, 8, 8, generator=generator) + patterns[labels]  # (N, 3, 8, 8)
+    dataset = Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+    return dataset.select(range(n - 48)), dataset.select(range(n - 48, n))
+
+
+class RoundRecorder(TrainerCallback):
+    """Runs after RLPruneCallback: right after each pruning round, the trained model's reward-split accuracy and
+    whether its weights are the evaluator's refit of the chosen allocation."""
+
+    def __init__(self):
+        self.rlprune, self.accuracies, self.holds_refit = None, [], []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        history = self.rlprune.history
+        if history and history[-1]["step"] == state.global_step and len(self.accuracies) < len(history):
+            self.accuracies.append(batched_accuracy(model, self.rlprune._evaluator.reward_batches))
+            refitted = self.rlprune._evaluator.refitted_parameters(history[-1]["widths"])
+            self.holds_refit.append(all(torch.equal(model.get_parameter(name), value) for name, value in refitted.items()))
+
+
+@pytest.mark.parametrize("refit_applied", [True, False])
+def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit_applied):
+    # Without recovery steps the reward is the candidate's accuracy right after its refit: with refit_applied the
+    # trained model takes those weights, so it scores exactly the chosen candidate's reward accuracy.
+    recorder = RoundRecorder()
+    config = prune_config(refit_ridge=0.01, recovery_steps=0, refit_applied=refit_applied, num_rounds=1, target=0.5,
+                          start_fraction=0.5, end_fraction=0.5)
+    train_set, reward_set = pattern_data()
+    recorder.rlprune = RLPruneCallback(config, reward_dataset=reward_set)
+    torch.manual_seed(0)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+    args = TrainingArguments(str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    Trainer(model=model, args=args, train_dataset=train_set, callbacks=[recorder.rlprune, recorder]).train()
+    record = recorder.rlprune.history[0]
+    assert record["step"] == 30 and record["reward_accuracy"] > 0.4  # a trained model, well above chance (0.25)
+    assert recorder.holds_refit == [refit_applied]
+    if refit_applied:
+        assert recorder.accuracies == [record["reward_accuracy"]]

@@ -5,7 +5,7 @@ import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import apply_masks, get_masks, get_prunable_groups
-from hf_rlprune.pruning.refit import _rows, refit_consumers, reference_outputs
+from hf_rlprune.pruning.refit import _calibration_batch, _conv_patches, _rows, refit_consumers, reference_outputs
 from hf_rlprune.reward import RewardEvaluator
 from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_counting_lstm, train_quadrant_cnn
 
@@ -180,3 +180,25 @@ def test_refitted_lstm_rewards_stacked_and_one_at_a_time():
         rewards[per_pass, ridge] = reward.evaluate_batch(candidates)
     assert rewards[4, 0.01] == pytest.approx(rewards[1, 0.01], abs=1 / 256 + 1e-9)
     assert rewards[1, 0.01] != rewards[1, None]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [(3, 1, 1, 1), (3, 2, 0, 1), (5, 1, "same", 2), ((3, 1), (1, 2), (1, 0), 1)])
+def test_gathered_patches_are_the_unfolded_rows(kernel, stride, padding, dilation):
+    # The refit gathers only the sampled patches; they must be exactly unfold's rows at those positions.
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    inputs = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))
+    everything = _conv_patches(conv, inputs, None)  # (N * L, C * k * k), via unfold
+    assert everything.shape[0] == conv(inputs).shape[0] * conv(inputs).shape[2] * conv(inputs).shape[3]
+    chosen = torch.tensor([0, 5, everything.shape[0] // 2, everything.shape[0] - 1])
+    assert torch.equal(_conv_patches(conv, inputs, chosen), everything[chosen])
+
+
+def test_calibration_batches_of_different_lengths_are_right_padded():
+    short = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]]), "labels": torch.tensor([1])}
+    long = {"input_ids": torch.tensor([[7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 0]]), "labels": torch.tensor([0])}
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=4, lstm_hidden_sizes=[3],
+                                                                   hidden_sizes=[2], pad_token_id=3))
+    merged = _calibration_batch(model, [short, long])
+    assert set(merged) == {"input_ids", "attention_mask"}
+    assert merged["input_ids"].tolist() == [[5, 6, 3], [7, 8, 9]]
+    assert merged["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 0]]

@@ -13,6 +13,8 @@ so a consumer with more inputs than calibration rows (a dense layer after a flat
 Recurrent weights (an LSTM's own hidden-to-hidden columns) are not refitted.
 """
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,22 +55,57 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int]:
     return conv.padding
 
 
+@functools.lru_cache(maxsize=64)
+def _row_subset(total: int, max_rows: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of `max_rows` of `total` rows, sorted: the same rows for every model on the same
+    calibration batch (reference and masked rows pair up); random, not strided, so no image column or token
+    position is favoured. Cached: every candidate of a search draws it again."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+
+
+def _conv_patches(conv: nn.Conv2d, inputs: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+    """im2col rows (R, C * kh * kw) of `inputs` (N, C, H, W) for the conv's output positions `chosen` (flat indices over
+    N * out_h * out_w; None: all). Gathers only the chosen patches: unfolding every patch first costs k*k copies of
+    the whole activation."""
+    if chosen is None:
+        patches = F.unfold(inputs, conv.kernel_size, conv.dilation, _padding(conv), conv.stride)  # (N, C*k*k, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*k*k)
+    (pad_h, pad_w), (kernel_h, kernel_w) = _padding(conv), conv.kernel_size
+    (dilation_h, dilation_w), (stride_h, stride_w) = conv.dilation, conv.stride
+    out_w = (inputs.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    out_h = (inputs.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h))  # (N, C, H + 2ph, W + 2pw)
+    image, position = chosen // (out_h * out_w), chosen % (out_h * out_w)  # (R,), (R,)
+    top = (position // out_w) * stride_h  # (R,)
+    left = (position % out_w) * stride_w  # (R,)
+    taps_h = torch.arange(kernel_h, device=inputs.device) * dilation_h
+    taps_w = torch.arange(kernel_w, device=inputs.device) * dilation_w
+    patches = padded[image[:, None, None], :, (top[:, None] + taps_h)[:, :, None], (left[:, None] + taps_w)[:, None, :]]  # (R, kh, kw, C)
+    return patches.permute(0, 3, 1, 2).reshape(len(chosen), -1)  # (R, C*kh*kw): unfold's feature order
+
+
+def _conv_positions(conv: nn.Conv2d, inputs: torch.Tensor) -> int:
+    (pad_h, pad_w), (kernel_h, kernel_w) = _padding(conv), conv.kernel_size
+    out_h = (inputs.shape[2] + 2 * pad_h - conv.dilation[0] * (kernel_h - 1) - 1) // conv.stride[0] + 1
+    out_w = (inputs.shape[3] + 2 * pad_w - conv.dilation[1] * (kernel_w - 1) - 1) // conv.stride[1] + 1
+    return inputs.shape[0] * out_h * out_w
+
+
 def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, max_rows: int, seed: int) -> torch.Tensor:
-    """One batch's input to the consumer as float64 rows of features, in the order of `_linear_map`'s columns:
-    (N, in) for dense, (real tokens, in) for an LSTM (padding dropped), (N * L, C * k * k) patches for a conv. Over
-    `max_rows`, a random subset (seeded: the same rows for every model on the same batch, so reference and masked
-    rows pair up; random, not strided, so no image column or token position is favoured)."""
+    """The consumer's input as float64 rows of features, in the order of `_linear_map`'s columns: (N, in) for dense,
+    (real tokens, in) for an LSTM (padding dropped), (N * L, C * k * k) patches for a conv; over `max_rows`, the
+    seeded random subset `_row_subset`."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(inputs, module.kernel_size, module.dilation, _padding(module), module.stride)  # (N, C*k*k, L)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*k*k)
-    elif inputs.dim() == 3 and mask is not None and mask.shape == inputs.shape[:2]:
+        total = _conv_positions(module, inputs)
+        chosen = _row_subset(total, max_rows, seed).to(inputs.device) if total > max_rows else None
+        return _conv_patches(module, inputs, chosen).double()  # half precision under autocast; TF32 too coarse
+    if inputs.dim() == 3 and mask is not None and mask.shape == inputs.shape[:2]:
         rows = inputs[mask.to(inputs.device).bool()]  # (real tokens, in): padding never reaches the prediction
     else:
         rows = inputs.reshape(-1, inputs.shape[-1])  # (N[*T], in)
     if rows.shape[0] > max_rows:
-        chosen = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
-        rows = rows[chosen.to(rows.device)]
-    return rows.double()  # inputs captured under autocast are half precision; TF32 matmuls would be too coarse
+        rows = rows[_row_subset(rows.shape[0], max_rows, seed).to(rows.device)]
+    return rows.double()
 
 
 def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.Tensor) -> torch.Tensor:
@@ -80,42 +117,56 @@ def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.T
     return columns
 
 
-def _consumer_rows(model: nn.Module, batches: list[dict], module_names: list[str], max_rows: int,
-                   stop_after: str | None = None) -> dict[str, torch.Tensor]:
-    """Rows (`_rows`) of what each named module receives when `model` runs on `batches`, concatenated over batches;
-    with `stop_after`, each forward stops once that module's input is known."""
-    captured: dict[str, torch.Tensor] = {}
-    per_batch = max(1, max_rows // max(1, len(batches)))
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+def _calibration_batch(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """The model inputs of `batches` as one batch (labels dropped), so each refit is one forward: token tensors of
+    different lengths are right-padded (the models take right padding; the attention mask marks it)."""
+    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    merged = {}
+    for key in batches[0]:
+        if key == "labels":
+            continue
+        values = [batch[key] for batch in batches]
+        length = max(value.shape[1] for value in values) if values[0].dim() == 2 else None
+        if length is not None and any(value.shape[1] != length for value in values):
+            fill = pad_token_id if key == "input_ids" else 0
+            values = [F.pad(value, (0, length - value.shape[1]), value=fill) for value in values]  # (B, T) -> (B, length)
+        merged[key] = torch.cat(values)
+    return merged
 
+
+def _forward_with_input_hooks(model: nn.Module, batch: dict, module_names: list[str], on_input) -> None:
+    """One forward of `model` on `batch` in which `on_input(name, module, input)` runs as each named module receives
+    its input, before the module runs (so it may change that module's weights); the forward stops as soon as
+    `on_input` returns True (nothing further is needed)."""
     def hook(module, args, name):
-        captured[name] = args[0].detach()
-        if name == stop_after:
+        if on_input(name, module, args[0].detach()):
             raise _Captured
 
     handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: hook(module, args, name))
                for name in module_names]
     try:
         with torch.no_grad():
-            for index, batch in enumerate(batches):
-                captured.clear()
-                try:
-                    model(**{key: value for key, value in batch.items() if key != "labels"})
-                except _Captured:
-                    pass
-                for name in module_names:
-                    rows[name].append(_rows(model.get_submodule(name), captured[name], batch.get("attention_mask"), per_batch, seed=index))
+            model(**batch)
+    except _Captured:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(values) for name, values in rows.items()}
 
 
 def reference_outputs(model: nn.Module, batches: list[dict], max_rows: int = MAX_ROWS) -> dict[str, torch.Tensor]:
     """Per consumer tensor name, the rows of its linear map's output on `batches` in `model` (the reference)."""
     consumers = [slice_.name for group in get_prunable_groups(model) for slice_ in group.consumers]
     modules = {name: _module_and_param(model, name) for name in consumers}
-    inputs = _consumer_rows(model, batches, sorted({module_name for module_name, _, _ in modules.values()}), max_rows)
+    module_names = sorted({module_name for module_name, _, _ in modules.values()})
+    batch = _calibration_batch(model, batches)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def capture(name, module, tensor):
+        inputs[name] = _rows(module, tensor, batch.get("attention_mask"), max_rows, seed=0)
+        return len(inputs) == len(module_names)
+
+    _forward_with_input_hooks(model, batch, module_names, capture)
     outputs = {}
     with torch.no_grad():
         for name, (module_name, module, param_name) in modules.items():
@@ -144,32 +195,58 @@ def _ridge_update(features: torch.Tensor, residual: torch.Tensor, ridge: float, 
 
 @torch.no_grad()
 def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict], reference: dict[str, torch.Tensor],
-                    ridge: float = 0.1, max_rows: int = MAX_ROWS) -> None:
+                    ridge: float = 0.1, max_rows: int = MAX_ROWS) -> list[str]:
     """Refit, in place and in forward order, the consumer of every group of the masked `model` to `reference`
-    (`reference_outputs` of the unpruned model on the same `batches`). Masked weights stay zero."""
+    (`reference_outputs` of the unpruned model on the same `batches`). Masked weights stay zero. Returns the names
+    of the parameters it changed (consumer weights and biases).
+
+    One forward over the calibration batches: each consumer is refitted as it receives its input, before it runs,
+    so what reaches the next consumer already went through the refitted ones."""
     if ridge < 0:
         raise ValueError(f"ridge = {ridge} must be >= 0 (0: plain least squares).")
+    planned: dict[str, list[tuple[PrunableGroup, object, torch.Tensor]]] = {}  # module name -> its slices to refit
     upstream_pruned = False
     for group in get_prunable_groups(model):
         keep = masks[group.name].bool() if group.name in masks else torch.ones(group.width, dtype=torch.bool)
         upstream_pruned = upstream_pruned or not bool(keep.all())
-        if not upstream_pruned:  # nothing before this consumer changed: it already reproduces the reference
-            continue
-        for slice_ in group.consumers:
-            module_name, module, param_name = _module_and_param(model, slice_.name)
-            weight, bias = _linear_map(module, param_name)
-            columns = _kept_columns(module, group, slice_, keep).to(weight.device)
-            rows = _consumer_rows(model, batches, [module_name], max_rows, stop_after=module_name)[module_name]
-            if rows.shape[0] != reference[slice_.name].shape[0]:
-                raise ValueError(f"{slice_.name}: {rows.shape[0]} calibration rows against {reference[slice_.name].shape[0]} in the "
-                                 "reference; compute reference_outputs on the same batches.")
-            residual = reference[slice_.name] - (rows @ weight.T + (bias if bias is not None else 0.0))  # what the masking lost
-            delta, bias_delta = _ridge_update(rows.index_select(1, columns), residual, ridge, fit_bias=bias is not None)
-            param = getattr(module, param_name)
-            updated = param.detach().flatten(1).clone()  # (out, in features)
-            updated[:, columns] += delta.to(updated.dtype)
-            param.copy_(updated.view_as(param))
-            if bias is not None:  # `bias` is a float64 copy: update the parameter itself
-                bias_param = getattr(module, param_name.replace("weight", "bias") if isinstance(module, nn.LSTM) else "bias")
-                bias_param.add_(bias_delta.to(bias_param.dtype))
-            enforce_masks(model)  # the consumer may produce a masked group itself: its pruned units stay dead
+        if upstream_pruned:  # before the first pruned group every consumer already reproduces the reference
+            for slice_ in group.consumers:
+                planned.setdefault(_module_and_param(model, slice_.name)[0], []).append((group, slice_, keep))
+    if not planned:
+        return []
+    batch = _calibration_batch(model, batches)
+    updated_names, done = [], set()
+
+    def refit_module(module_name, module, inputs):
+        if module_name in done:  # a module called twice in one forward is fitted on its first input
+            return False
+        done.add(module_name)
+        rows = _rows(module, inputs, batch.get("attention_mask"), max_rows, seed=0)
+        for group, slice_, keep in planned[module_name]:
+            updated_names.extend(_refit_slice(model, module_name, module, group, slice_, keep, rows, reference[slice_.name], ridge))
+        enforce_masks(model)  # the consumer may produce a masked group itself: its pruned units stay dead
+        return len(done) == len(planned)
+
+    _forward_with_input_hooks(model, batch, list(planned), refit_module)
+    return updated_names
+
+
+def _refit_slice(model, module_name, module, group, slice_, keep, rows, target, ridge) -> list[str]:
+    """Move one consumer tensor's kept columns (and its bias) to the ridge fit of `target` from `rows`."""
+    param_name = slice_.name.rpartition(".")[2]
+    weight, bias = _linear_map(module, param_name)
+    columns = _kept_columns(module, group, slice_, keep).to(weight.device)
+    if rows.shape[0] != target.shape[0]:
+        raise ValueError(f"{slice_.name}: {rows.shape[0]} calibration rows against {target.shape[0]} in the "
+                         "reference; compute reference_outputs on the same batches.")
+    residual = target - (rows @ weight.T + (bias if bias is not None else 0.0))  # what the masking lost
+    delta, bias_delta = _ridge_update(rows.index_select(1, columns), residual, ridge, fit_bias=bias is not None)
+    param = getattr(module, param_name)
+    updated = param.detach().flatten(1).clone()  # (out, in features)
+    updated[:, columns] += delta.to(updated.dtype)
+    param.copy_(updated.view_as(param))
+    if bias is None:
+        return [slice_.name]
+    bias_name = param_name.replace("weight", "bias") if isinstance(module, nn.LSTM) else "bias"
+    getattr(module, bias_name).add_(bias_delta.to(getattr(module, bias_name).dtype))  # `bias` above is a float64 copy
+    return [slice_.name, f"{module_name}.{bias_name}"]
