@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import render_model_card, update_trade_off
@@ -61,6 +61,10 @@ class BenchmarkArguments:
     pretrain_patience: int | None = field(default=None, metadata={"help": "Stop pre-training after this many epochs without reward-split gain."})
     finetune_epochs: float = field(default=10, metadata={"help": "Epochs of pruning + fine-tuning, the same for every method."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate (cosine decay), the same for every method."})
+    select_best_epoch: bool = field(
+        default=False,
+        metadata={"help": "Keep the fine-tuning epoch with the best reward-split accuracy (among epochs after the last pruning "
+                          "round), not the last one; the same for every method. The test split is never consulted."})
     distill_alpha: float = field(default=0.0, metadata={"help": "Distillation weight from the dense model while pruning and fine-tuning, "
                                                                "the same for every method (0: none)."})
     distill_temperature: float = field(default=4.0, metadata={"help": "Distillation temperature."})
@@ -131,6 +135,29 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
     return RLPruneConfig(**{**common, "method": method})
 
 
+class BestEpochOnRewardSplit(TrainerCallback):
+    """Keeps the model of the epoch with the best reward-split accuracy, among epochs that end after the last pruning
+    round (earlier epochs hold a wider model), and restores it at the end of training. Listed before RLPruneCallback,
+    so the restored weights are what it compacts and reports."""
+
+    def __init__(self, rlprune: RLPruneCallback, reward_tensors: dict, autocast_dtype):
+        self.rlprune, self.reward_tensors, self.autocast_dtype = rlprune, reward_tensors, autocast_dtype
+        self.best_accuracy, self.best_state, self.best_epoch, self.accuracies = -1.0, None, None, []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.rlprune.rounds_done < self.rlprune.config.num_rounds:
+            return
+        accuracy = tensor_accuracy(model, self.reward_tensors, autocast_dtype=self.autocast_dtype)
+        self.accuracies.append(accuracy)
+        if accuracy > self.best_accuracy:  # ties keep the earlier epoch
+            self.best_accuracy, self.best_epoch = accuracy, round(state.epoch)
+            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
 def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, measure_latency_now) -> dict:
     set_seed(seed)
     model = copy.deepcopy(dense).to(device)
@@ -146,9 +173,11 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
         distillation = {}
         if args.distill_alpha > 0:  # the dense model teaches every method alike
             distillation = dict(teacher=copy.deepcopy(dense), alpha=args.distill_alpha, temperature=args.distill_temperature)
+        best_epoch = BestEpochOnRewardSplit(callback, tensors["reward"], autocast) if args.select_best_epoch else None
         trainer = (DistillationTrainer if distillation else Trainer)(
             model=model, args=training, train_dataset=IndexDataset(len(tensors["train"]["labels"])),
-            data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed), callbacks=[callback], **distillation)
+            data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed),
+            callbacks=[best_epoch, callback] if best_epoch else [callback], **distillation)
         start = time.perf_counter()
         trainer.train()
         total_seconds = time.perf_counter() - start
@@ -159,6 +188,8 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
                           "reward_split_pruned": report["accuracy"]["pruned"]}
     update_trade_off(report)
     report["search"]["total_seconds"] = total_seconds
+    if best_epoch is not None:  # which epoch was kept, and the reward-split accuracy of each candidate epoch
+        report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch, "reward_split_by_epoch": best_epoch.accuracies}
     report["latency_ms"] = latency_figures(dense, pruned, device) if measure_latency_now else {}
     final_reward = callback.history[-1]["reward"] if callback.history else None
     logger.info("%s budget %.2f seed %d: test %.4f (dense %.4f), MACs %.3f, %d evaluations, search %.1fs, total %.1fs",

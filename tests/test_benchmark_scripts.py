@@ -5,10 +5,13 @@ import importlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from hf_rlprune.data import make_synthetic_cifar
+from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
+from hf_rlprune.data import make_synthetic_cifar, normalize_images
 from hf_rlprune.pruning import apply_masks, masks_from_widths, widths_from_keep_ratios
 from hf_rlprune.reward import batched_accuracy
 from hf_rlprune.tasks import DeviceBatchCollator
@@ -130,3 +133,39 @@ def test_a_deployment_table_for_a_saved_models_own_structure(tmp_path, monkeypat
     assert table.key["structure"]["pooling"] == "mean" and table.key["seq_len"] == 12
     with pytest.raises(ValueError, match="structure"):
         LatencyTable.load_for(tmp_path / "tables" / "lstm.json", RLPruneLSTMConfig(), "onnxruntime", batch_size=4)
+
+
+def test_the_best_fine_tuning_epoch_on_the_reward_split_is_kept(tmp_path, cifar_dir, scripts):
+    benchmark, _ = scripts
+    benchmark.main(["--task", "cifar10", "--dataset_dir", str(cifar_dir), "--batch_size", "32", "--pretrain_epochs", "2",
+                    "--methods", "uniform", "--budgets", "0.5", "--seeds", "0", "--finetune_epochs", "3", "--num_rounds", "1",
+                    "--end_fraction", "0.2", "--recovery_steps", "0", "--select_best_epoch", "True", "--latency_runs", "0",
+                    "--output_dir", str(tmp_path / "bench"), "--cards_dir", str(tmp_path / "cards")])
+    run = json.loads((tmp_path / "bench" / "cifar10.json").read_text())["runs"][0]
+    by_epoch = run["report"]["fine_tuning"]["reward_split_by_epoch"]
+    assert len(by_epoch) == 3  # every epoch ends after the round at 20% of training
+    assert by_epoch[run["report"]["fine_tuning"]["selected_epoch"] - 1] == max(by_epoch)
+    # the kept epoch's weights are what was compacted and measured: its reward-split accuracy, at the budget
+    assert run["report"]["accuracy"]["reward_split_pruned"] == pytest.approx(max(by_epoch), abs=1e-9)
+    assert run["report"]["macs"]["pruned"] <= 0.5 * run["report"]["macs"]["dense"]
+
+
+def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(scripts):
+    benchmark, _ = scripts
+    torch.manual_seed(0)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[4], hidden_sizes=[8], image_size=8, num_labels=3)).eval()
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        labels = model(pixel_values=normalize_images(images)).logits.argmax(-1)  # the first weights score 100%
+    rlprune = RLPruneCallback(RLPruneConfig(num_rounds=1), reward_dataset=[{"labels": 0}])
+    keeper = benchmark.BestEpochOnRewardSplit(rlprune, {"images": images, "labels": labels}, autocast_dtype=None)
+    first = {name: value.clone() for name, value in model.state_dict().items()}
+    keeper.on_epoch_end(None, SimpleNamespace(epoch=1.0), None, model=model)  # before the last round: not a candidate
+    rlprune.rounds_done = 1
+    keeper.on_epoch_end(None, SimpleNamespace(epoch=2.0), None, model=model)
+    with torch.no_grad():
+        model.classifier.weight.mul_(-1.0)  # a worse epoch
+    keeper.on_epoch_end(None, SimpleNamespace(epoch=3.0), None, model=model)
+    assert keeper.accuracies[0] == 1.0 and keeper.accuracies[1] < 1.0 and keeper.best_epoch == 2
+    keeper.on_train_end(None, None, None, model=model)
+    assert all(torch.equal(value, first[name]) for name, value in model.state_dict().items())
