@@ -288,11 +288,10 @@ class RLPruneCallback(TrainerCallback):
         decision = _broadcast(decision)
         masks = {name: torch.tensor(mask, dtype=torch.bool) for name, mask in decision["masks"].items()}
         apply_masks(model, masks)
-        with torch.no_grad():  # the refitted consumers (masked units already zero), as the reward scored them
+        with torch.no_grad():  # the refitted consumers, as the chosen candidate started its recovery from them
             for name, value in decision["refitted"].items():
                 model.get_parameter(name).copy_(value)
-        if optimizer is not None:
-            enforce_masks(model, _inner_optimizer(optimizer))
+        enforce_masks(model, _inner_optimizer(optimizer) if optimizer is not None else None)
         self.rounds_done += 1
         self.search_seconds += time.perf_counter() - start
         self.reward_evaluations += decision["evaluations"]

@@ -73,8 +73,9 @@ class RLPruneConfig:
     refit_applied: bool = field(
         default=False,
         metadata={"help": "With refit_ridge set, refit the trained model's consumers too when a round's masks are applied, so "
-                          "training continues from the weights the reward scored. Off by default: on the reference CNN it cost "
-                          "0.2-1.3 points after fine-tuning (README); on IMDB it was neutral."},
+                          "training continues from the refitted candidate (before its recovery steps, if any). Off by "
+                          "default: on the reference CNN it cost 0.2-1.3 points after fine-tuning (README); on IMDB it was "
+                          "neutral."},
     )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
@@ -147,6 +148,8 @@ class RLPruneConfig:
         check(self.search_episodes >= 1, f"search_episodes = {self.search_episodes} must be >= 1.")
         check(self.recovery_steps >= 0, f"recovery_steps = {self.recovery_steps} must be >= 0.")
         check(self.refit_ridge is None or self.refit_ridge >= 0, f"refit_ridge = {self.refit_ridge} must be >= 0 (or unset: no refit).")
+        check(not self.refit_applied or self.refit_ridge is not None,
+              "refit_applied = True needs refit_ridge (e.g. 0.01): there is no refit to apply without it.")
         check(self.recovery_lr > 0, f"recovery_lr = {self.recovery_lr} must be > 0.")
         check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
         check(self.candidates_per_pass >= 1, f"candidates_per_pass = {self.candidates_per_pass} must be >= 1.")

@@ -169,7 +169,7 @@ class RewardEvaluator:
     def refitted_parameters(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
         """The parameters the refit changes for the allocation `widths` (masked as `masked_copy` masks it), on the
         CPU: what the trained model takes when this allocation is applied, so training continues from the weights
-        the reward scored."""
+        the candidate's recovery started from (with no recovery steps, the weights its reward was measured on)."""
         if self.refit_ridge is None:
             raise RuntimeError("refitted_parameters needs refit_ridge to be set.")
         scratch = self._load_round()

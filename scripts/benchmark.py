@@ -148,9 +148,9 @@ class BestEpochOnRewardSplit(TrainerCallback):
         if self.rlprune.rounds_done < self.rlprune.config.num_rounds:
             return
         accuracy = tensor_accuracy(model, self.reward_tensors, autocast_dtype=self.autocast_dtype)
-        self.accuracies.append(accuracy)
+        self.accuracies.append([round(state.epoch, 3), accuracy])
         if accuracy > self.best_accuracy:  # ties keep the earlier epoch
-            self.best_accuracy, self.best_epoch = accuracy, round(state.epoch)
+            self.best_accuracy, self.best_epoch = accuracy, round(state.epoch, 3)  # a last partial epoch stays apart
             self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -189,7 +189,7 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
     update_trade_off(report)
     report["search"]["total_seconds"] = total_seconds
     if best_epoch is not None:  # which epoch was kept, and the reward-split accuracy of each candidate epoch
-        report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch, "reward_split_by_epoch": best_epoch.accuracies}
+        report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch, "reward_split_by_epoch": best_epoch.accuracies}  # [epoch, accuracy]
     report["latency_ms"] = latency_figures(dense, pruned, device) if measure_latency_now else {}
     final_reward = callback.history[-1]["reward"] if callback.history else None
     logger.info("%s budget %.2f seed %d: test %.4f (dense %.4f), MACs %.3f, %d evaluations, search %.1fs, total %.1fs",

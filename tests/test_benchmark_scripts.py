@@ -142,11 +142,11 @@ def test_the_best_fine_tuning_epoch_on_the_reward_split_is_kept(tmp_path, cifar_
                     "--end_fraction", "0.2", "--recovery_steps", "0", "--select_best_epoch", "True", "--latency_runs", "0",
                     "--output_dir", str(tmp_path / "bench"), "--cards_dir", str(tmp_path / "cards")])
     run = json.loads((tmp_path / "bench" / "cifar10.json").read_text())["runs"][0]
-    by_epoch = run["report"]["fine_tuning"]["reward_split_by_epoch"]
-    assert len(by_epoch) == 3  # every epoch ends after the round at 20% of training
-    assert by_epoch[run["report"]["fine_tuning"]["selected_epoch"] - 1] == max(by_epoch)
+    by_epoch = dict(run["report"]["fine_tuning"]["reward_split_by_epoch"])  # epoch -> reward-split accuracy
+    assert list(by_epoch) == [1.0, 2.0, 3.0]  # every epoch ends after the round at 20% of training
+    assert by_epoch[run["report"]["fine_tuning"]["selected_epoch"]] == max(by_epoch.values())
     # the kept epoch's weights are what was compacted and measured: its reward-split accuracy, at the budget
-    assert run["report"]["accuracy"]["reward_split_pruned"] == pytest.approx(max(by_epoch), abs=1e-9)
+    assert run["report"]["accuracy"]["reward_split_pruned"] == pytest.approx(max(by_epoch.values()), abs=1e-9)
     assert run["report"]["macs"]["pruned"] <= 0.5 * run["report"]["macs"]["dense"]
 
 
@@ -166,6 +166,6 @@ def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(script
     with torch.no_grad():
         model.classifier.weight.mul_(-1.0)  # a worse epoch
     keeper.on_epoch_end(None, SimpleNamespace(epoch=3.0), None, model=model)
-    assert keeper.accuracies[0] == 1.0 and keeper.accuracies[1] < 1.0 and keeper.best_epoch == 2
+    assert keeper.accuracies[0] == [2.0, 1.0] and keeper.accuracies[1][1] < 1.0 and keeper.best_epoch == 2
     keeper.on_train_end(None, None, None, model=model)
     assert all(torch.equal(value, first[name]) for name, value in model.state_dict().items())

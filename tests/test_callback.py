@@ -145,6 +145,8 @@ def test_bad_input(tmp_path):
         RLPruneConfig(method="greedy")
     with pytest.raises(ValueError, match="candidates_per_pass"):
         RLPruneConfig(candidates_per_pass=0)
+    with pytest.raises(ValueError, match="refit_applied = True needs refit_ridge"):
+        RLPruneConfig(refit_applied=True)
     _, reward = tiny_data()
     callback = RLPruneCallback(prune_config(), reward_dataset=reward)
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):

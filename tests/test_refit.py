@@ -202,3 +202,31 @@ def test_calibration_batches_of_different_lengths_are_right_padded():
     assert set(merged) == {"input_ids", "attention_mask"}
     assert merged["input_ids"].tolist() == [[5, 6, 3], [7, 8, 9]]
     assert merged["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 0]]
+
+
+def test_calibration_batches_without_a_mask_mark_the_added_padding():
+    # The model derives its mask from pad_token_id; the padding the merge adds must be marked the same way.
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=4, lstm_hidden_sizes=[3],
+                                                                   hidden_sizes=[2], pad_token_id=3))
+    short, long = {"input_ids": torch.tensor([[5, 3]])}, {"input_ids": torch.tensor([[7, 8, 9]])}
+    merged = _calibration_batch(model, [short, long])
+    assert merged["input_ids"].tolist() == [[5, 3, 3], [7, 8, 9]]
+    assert merged["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_reference_and_refit_without_masks_match_the_masked_batches():
+    # Refitting on mask-less batches of different lengths gives what the same batches with their masks give.
+    torch.manual_seed(0)
+    model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[6],
+                                                                   hidden_sizes=[4], pad_token_id=0)).eval()
+    batches = counting_batches(1, 16, seed=1, steps=12) + counting_batches(1, 16, seed=2, steps=7)
+    unmasked = [{key: value for key, value in batch.items() if key != "attention_mask"} for batch in batches]
+    masks = twin_masks(model, "embeddings", 3)
+    refitted = {}
+    for name, calibration in (("masked", batches), ("unmasked", unmasked)):
+        copy_ = copy.deepcopy(model)
+        reference = reference_outputs(copy_, calibration)
+        apply_masks(copy_, masks)
+        refit_consumers(copy_, masks, calibration, reference, ridge=0.01)
+        refitted[name] = copy_.lstm_layers[0].weight_ih_l0.detach()
+    assert torch.allclose(refitted["masked"], refitted["unmasked"], atol=1e-6)

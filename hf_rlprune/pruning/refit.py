@@ -120,7 +120,11 @@ def _kept_columns(module: nn.Module, group: PrunableGroup, slice_, keep: torch.T
 def _calibration_batch(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
     """The model inputs of `batches` as one batch (labels dropped), so each refit is one forward: token tensors of
     different lengths are right-padded (the models take right padding; the attention mask marks it)."""
-    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if "attention_mask" not in batches[0] and "input_ids" in batches[0] and len({b["input_ids"].shape[1] for b in batches}) > 1:
+        # padding added here must not count as tokens: mark it, as the model would mark its own pad tokens
+        batches = [{**batch, "attention_mask": (batch["input_ids"] != pad_token_id).long() if pad_token_id is not None
+                    else torch.ones_like(batch["input_ids"])} for batch in batches]
     merged = {}
     for key in batches[0]:
         if key == "labels":
@@ -128,7 +132,7 @@ def _calibration_batch(model: nn.Module, batches: list[dict]) -> dict[str, torch
         values = [batch[key] for batch in batches]
         length = max(value.shape[1] for value in values) if values[0].dim() == 2 else None
         if length is not None and any(value.shape[1] != length for value in values):
-            fill = pad_token_id if key == "input_ids" else 0
+            fill = (pad_token_id or 0) if key == "input_ids" else 0
             values = [F.pad(value, (0, length - value.shape[1]), value=fill) for value in values]  # (B, T) -> (B, length)
         merged[key] = torch.cat(values)
     return merged
@@ -163,6 +167,8 @@ def reference_outputs(model: nn.Module, batches: list[dict], max_rows: int = MAX
     inputs: dict[str, torch.Tensor] = {}
 
     def capture(name, module, tensor):
+        if name in inputs:  # a module called twice: its first input, as refit_consumers fits on
+            return False
         inputs[name] = _rows(module, tensor, batch.get("attention_mask"), max_rows, seed=0)
         return len(inputs) == len(module_names)
 
@@ -228,6 +234,8 @@ def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: l
         return len(done) == len(planned)
 
     _forward_with_input_hooks(model, batch, list(planned), refit_module)
+    if done != set(planned):
+        raise RuntimeError(f"The forward never reached {sorted(set(planned) - done)}; cannot refit consumers the model does not run.")
     return updated_names
 
 
