@@ -66,9 +66,10 @@ class RLPruneConfig:
         default=None,
         metadata={"help": "Refit each candidate's pruned layers' consumers by ridge least squares to the unpruned outputs "
                           "(4 training batches) before its recovery: this ridge strength, relative to the inputs' mean "
-                          "eigenvalue (e.g. 0.01). Unset: no refit. Reference CNN: with 0.01 and recovery_steps=0 the best reward "
-                          "measured (Spearman 0.88 against 0.25 without the refit, search +19-25%; README). Off by default: on "
-                          "IMDB 2 of 12 refitted searches fell 4-5 points on test, unseen by the reward split."},
+                          "eigenvalue (e.g. 0.01). Unset: no refit. Reference CNN: with 0.01 and recovery_steps=0 the best "
+                          "reward for its cost (Spearman 0.88 against 0.25 without the refit; the search adds a fifth to "
+                          "fine-tuning; README). Off by default: on IMDB 2 of 12 refitted searches fell 4-5 points on test, "
+                          "unseen by the reward split."},
     )
     refit_applied: bool = field(
         default=False,

@@ -169,3 +169,13 @@ def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(script
     assert keeper.accuracies[0] == [2.0, 1.0] and keeper.accuracies[1][1] < 1.0 and keeper.best_epoch == 2
     keeper.on_train_end(None, None, None, model=model)
     assert all(torch.equal(value, first[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["prune", "benchmark", "bench_fidelity", "bench_latency", "bench_pruning", "bench_reward"])
+def test_every_script_prints_its_help(name, monkeypatch, capsys):
+    # argparse formats help strings with %: a bare % in a field's help breaks --help
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    script = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
