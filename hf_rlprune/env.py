@@ -17,6 +17,7 @@ BUDGET_KINDS = ("macs", "params", "latency")
 REWARD_MODES = ("budget_accuracy", "trade_off", "amc")
 REWARD_COSTS = BUDGET_KINDS  # the cost the trade_off and amc rewards weigh accuracy against
 GROUP_KINDS = ("conv", "dense", "lstm", "embedding")
+MAX_CACHED_COSTS = 100_000  # allocations whose cost is kept; a long run starts the cache afresh past this
 OBSERVATION_FEATURES = (
     "index", *(f"is_{kind}" for kind in GROUP_KINDS), "in_width", "out_width", "kernel",
     "macs_share", "params_share", "cost_removed", "cost_ahead", "previous_action", "budget", "max_keep",
@@ -123,6 +124,8 @@ class PruningEnv(gym.Env):
         kind = kind or self.budget_kind
         key = (kind, *widths)
         if key not in self._costs:  # the budget wall and the fill bisect over the same allocations again and again
+            if len(self._costs) >= MAX_CACHED_COSTS:  # bounded memory over many rounds; cleared in place, as envs share it
+                self._costs.clear()
             named = self.widths_dict(widths)
             if kind == "macs":
                 self._costs[key] = float(compute_macs(self.config, seq_len=self.seq_len, widths=named))

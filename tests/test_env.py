@@ -196,3 +196,13 @@ def test_vector_env_refuses_shared_envs_and_wrong_action_counts():
     vector_env.reset()
     with pytest.raises(ValueError, match="4 actions for 2"):
         vector_env.step(np.full((2, 2), 0.5))
+
+
+def test_the_cost_cache_stays_bounded_and_correct(monkeypatch):
+    monkeypatch.setattr("hf_rlprune.env.MAX_CACHED_COSTS", 5)
+    config = RLPruneCNNConfig()
+    env = PruningEnv(config, constant_accuracy, target=0.5)
+    for width in range(1, 20):  # 19 allocations through a cache of 5
+        widths = [width, 2 * width, 16 * width]
+        assert env.cost(widths) == compute_macs(config, widths=env.widths_dict(widths))
+        assert len(env._costs) <= 5
