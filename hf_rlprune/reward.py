@@ -172,21 +172,20 @@ class RewardEvaluator:
         the candidate's recovery started from (with no recovery steps, the weights its reward was measured on)."""
         if self.refit_ridge is None:
             raise RuntimeError("refitted_parameters needs refit_ridge to be set.")
-        scratch = self._load_round()
-        masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
-        apply_masks(scratch, masks)
-        names = self._refit(scratch, masks)
+        scratch, names = self._masked(widths)
         return {name: scratch.get_parameter(name).detach().cpu().clone() for name in names}
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
         """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks), its
         consumers refitted when `refit_ridge` is set."""
+        return self._masked(widths)[0]
+
+    def _masked(self, widths: dict[str, int]) -> tuple[nn.Module, list[str]]:
+        """`masked_copy`, and the names of the parameters its refit changed (none without refit)."""
         scratch = self._load_round()
         masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
         apply_masks(scratch, masks)
-        if self.refit_ridge is not None:
-            self._refit(scratch, masks)
-        return scratch
+        return scratch, self._refit(scratch, masks) if self.refit_ridge is not None else []
 
     def __call__(self, widths: dict[str, int]) -> float:
         return self.evaluate_batch([widths])[0]

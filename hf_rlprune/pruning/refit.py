@@ -72,8 +72,7 @@ def _conv_patches(conv: nn.Conv2d, inputs: torch.Tensor, chosen: torch.Tensor | 
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*k*k)
     (pad_h, pad_w), (kernel_h, kernel_w) = _padding(conv), conv.kernel_size
     (dilation_h, dilation_w), (stride_h, stride_w) = conv.dilation, conv.stride
-    out_w = (inputs.shape[3] + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
-    out_h = (inputs.shape[2] + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_h, out_w = _conv_output_size(conv, inputs)
     padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h))  # (N, C, H + 2ph, W + 2pw)
     image, position = chosen // (out_h * out_w), chosen % (out_h * out_w)  # (R,), (R,)
     top = (position // out_w) * stride_h  # (R,)
@@ -84,11 +83,11 @@ def _conv_patches(conv: nn.Conv2d, inputs: torch.Tensor, chosen: torch.Tensor | 
     return patches.permute(0, 3, 1, 2).reshape(len(chosen), -1)  # (R, C*kh*kw): unfold's feature order
 
 
-def _conv_positions(conv: nn.Conv2d, inputs: torch.Tensor) -> int:
-    (pad_h, pad_w), (kernel_h, kernel_w) = _padding(conv), conv.kernel_size
-    out_h = (inputs.shape[2] + 2 * pad_h - conv.dilation[0] * (kernel_h - 1) - 1) // conv.stride[0] + 1
-    out_w = (inputs.shape[3] + 2 * pad_w - conv.dilation[1] * (kernel_w - 1) - 1) // conv.stride[1] + 1
-    return inputs.shape[0] * out_h * out_w
+def _conv_output_size(conv: nn.Conv2d, inputs: torch.Tensor) -> tuple[int, int]:
+    """(out_h, out_w) of `conv` on `inputs` (N, C, H, W)."""
+    padding = _padding(conv)
+    return tuple((inputs.shape[2 + axis] + 2 * padding[axis] - conv.dilation[axis] * (conv.kernel_size[axis] - 1) - 1)
+                 // conv.stride[axis] + 1 for axis in (0, 1))
 
 
 def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, max_rows: int, seed: int) -> torch.Tensor:
@@ -96,7 +95,8 @@ def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, ma
     (real tokens, in) for an LSTM (padding dropped), (N * L, C * k * k) patches for a conv; over `max_rows`, the
     seeded random subset `_row_subset`."""
     if isinstance(module, nn.Conv2d):
-        total = _conv_positions(module, inputs)
+        out_h, out_w = _conv_output_size(module, inputs)
+        total = inputs.shape[0] * out_h * out_w  # patches: one per image and output position
         chosen = _row_subset(total, max_rows, seed).to(inputs.device) if total > max_rows else None
         return _conv_patches(module, inputs, chosen).double()  # half precision under autocast; TF32 too coarse
     if inputs.dim() == 3 and mask is not None and mask.shape == inputs.shape[:2]:
