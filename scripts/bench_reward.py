@@ -4,6 +4,7 @@
     python scripts/bench_reward.py                      # CPU
     python scripts/bench_reward.py --device cuda        # GPU, bf16 autocast, as the benchmark runs it
     python scripts/bench_reward.py --device cuda --model lstm --recovery_steps 50 --candidates_per_pass 1 4 8
+    python scripts/bench_reward.py --recovery_steps 0 --refit_ridge 0.01   # the refit's cost per candidate
 
 Each candidate is a random allocation of the reference CIFAR-10 CNN (or IMDB LSTM: random token ids, `seq_len`
 long), recovered for `recovery_steps` Adam steps on batches of 128 random inputs and measured on `reward_batches`
@@ -32,6 +33,7 @@ class BenchRewardArguments:
     candidates: int = field(default=16, metadata={"help": "Candidate allocations timed per setting."})
     candidates_per_pass: list[int] = field(default_factory=lambda: [1, 8, 16], metadata={"help": "K values (1: one at a time)."})
     recovery_steps: int = field(default=40, metadata={"help": "Recovery steps per candidate (the CIFAR-10 benchmark's)."})
+    refit_ridge: float | None = field(default=None, metadata={"help": "Refit the consumers first, at this ridge (unset: no refit)."})
     reward_batches: int = field(default=20, metadata={"help": "Batches of 128 in the reward split."})
     seed: int = field(default=0, metadata={"help": "Seed of the data and the allocations."})
 
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
     results, reference = {}, None
     for per_pass in args.candidates_per_pass:
         evaluator = RewardEvaluator(reward_batches, recovery_batches, recovery_steps=args.recovery_steps, candidates_per_pass=per_pass,
-                                    stack_candidates=per_pass > 1, autocast_dtype=autocast)
+                                    stack_candidates=per_pass > 1, autocast_dtype=autocast, refit_ridge=args.refit_ridge)
         evaluator.begin_round(model)
         evaluator.evaluate_batch(candidates[:per_pass])  # warm-up: kernels, allocator
         if device.type == "cuda":
@@ -81,7 +83,8 @@ def main(argv=None) -> dict:
         reference = reference or rewards
         max_difference = max(abs(a - b) for a, b in zip(rewards, reference))
         results[per_pass] = {"ms_per_candidate": per_candidate_ms, "max_reward_difference_to_k1": max_difference}
-        print(f"K={per_pass:3d}: {per_candidate_ms:8.1f} ms per candidate ({args.recovery_steps} recovery steps, "
+        refit = f"refit {args.refit_ridge}, " if args.refit_ridge is not None else ""
+        print(f"K={per_pass:3d}: {per_candidate_ms:8.1f} ms per candidate ({refit}{args.recovery_steps} recovery steps, "
               f"{args.reward_batches} reward batches); max |reward - reward(K=1)| = {max_difference:.4f}", flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     summary = {"device": device_name, "args": vars(args), "results": results}
