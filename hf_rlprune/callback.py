@@ -59,6 +59,32 @@ def _broadcast(payload):
     return holder[0]
 
 
+def _first_batch_logits(model, batches: list[dict]) -> torch.Tensor | None:
+    """The model's float32 logits on the first batch (eval mode, no autocast), for comparing models."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{key: value for key, value in batches[0].items() if key != "labels"}).logits.float()  # (B, labels)
+    model.train(was_training)
+    return logits
+
+
+def _compare_logits(masked: torch.Tensor | None, compacted: torch.Tensor | None) -> dict | None:
+    """How far the compacted model's logits are from the masked model's (they should agree to rounding); a warning
+    when they do not, since the saved model would then not be the model that was trained and scored."""
+    if masked is None or compacted is None:
+        return None
+    difference = float((compacted - masked).abs().max())
+    agrees = difference <= 1e-2 * max(1.0, float(masked.abs().max()))  # room for TF32 and kernel choice on GPUs
+    if not agrees:
+        logger.warning(
+            "The compacted model's logits differ from the masked model's by up to %.4g on a reward batch; the saved model "
+            "does not compute what was trained. Please report it with the model's widths and device.", difference)
+    return {"max_logit_difference": difference, "agrees": agrees}
+
+
 def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
@@ -343,6 +369,14 @@ class RLPruneCallback(TrainerCallback):
         """Compact `model` in place and build the report (reward-split accuracy before/after, cost, policy)."""
         dense_config = self.dense_config
         masks = get_masks(model)
+        evaluator = self._evaluator
+        if evaluator is None:
+            reward_batches = []
+        elif evaluator._device == model.device:  # already on the device since the first round
+            reward_batches = evaluator.reward_batches
+        else:
+            reward_batches = [move_to_device(b, model.device) for b in evaluator.reward_batches_cpu]
+        masked_logits = _first_batch_logits(model, reward_batches)
         small = compact(model)
         for name, child in small.named_children():  # in-place swap: trainer.model becomes the small model
             setattr(model, name, child)
@@ -351,13 +385,7 @@ class RLPruneCallback(TrainerCallback):
             if hasattr(model, attr):
                 delattr(model, attr)
         self.pruned_model = model
-        evaluator = self._evaluator
-        if evaluator is None:
-            reward_batches = []
-        elif evaluator._device == model.device:  # already on the device since the first round
-            reward_batches = evaluator.reward_batches
-        else:
-            reward_batches = [move_to_device(b, model.device) for b in evaluator.reward_batches_cpu]
+        compaction_check = _compare_logits(masked_logits, _first_batch_logits(model, reward_batches))
         from .card import build_report
 
         self.report = build_report(
@@ -370,6 +398,8 @@ class RLPruneCallback(TrainerCallback):
             reward_evaluations=self.reward_evaluations,
             masks=masks,
         )
+        if compaction_check is not None:
+            self.report["compaction_check"] = compaction_check
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_state(self, directory: str, model) -> None:

@@ -68,8 +68,8 @@ class RLPruneConfig:
                           "(4 training batches) before its recovery: this ridge strength, relative to the inputs' mean "
                           "eigenvalue (e.g. 0.01). Unset: no refit. Reference CNN: with 0.01 and recovery_steps=0 the best "
                           "reward for its cost (Spearman 0.88 against 0.25 without the refit; the search adds a fifth to "
-                          "fine-tuning; README). Off by default: on IMDB 2 of 12 refitted searches fell 4-5 points on test, "
-                          "unseen by the reward split."},
+                          "fine-tuning; README). Off by default until the IMDB runs' low compacted-LSTM shape is understood "
+                          "(README)."},
     )
     refit_applied: bool = field(
         default=False,

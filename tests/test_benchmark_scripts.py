@@ -171,7 +171,8 @@ def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(script
     assert all(torch.equal(value, first[name]) for name, value in model.state_dict().items())
 
 
-@pytest.mark.parametrize("name", ["prune", "benchmark", "bench_fidelity", "bench_latency", "bench_pruning", "bench_reward"])
+@pytest.mark.parametrize("name", ["prune", "benchmark", "bench_fidelity", "bench_latency", "bench_pruning", "bench_reward",
+                                  "lstm_width_outliers"])
 def test_every_script_prints_its_help(name, monkeypatch, capsys):
     # argparse formats help strings with %: a bare % in a field's help breaks --help
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
@@ -179,3 +180,21 @@ def test_every_script_prints_its_help(name, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_lstm_width_outliers_counts_runs_per_compacted_shape(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    outliers = importlib.import_module("lstm_width_outliers")
+
+    def run(seed, embedding, hidden, test):
+        layers = [{"name": "embeddings", "width": embedding}, {"name": "lstm_layers.0", "width": hidden}]
+        return {"method": "ppo", "budget": 0.25, "seed": seed, "test_accuracy": test,
+                "report": {"layers": layers, "accuracy": {"reward_split_pruned": test + 0.01}}}
+
+    path = tmp_path / "imdb.json"
+    path.write_text(json.dumps({"runs": [run(0, 41, 72, 0.81), run(1, 43, 71, 0.86), run(2, 64, 64, 0.85)]}))
+    runs = outliers.main(["--paths", str(path)])
+    assert [r["seed"] for r in runs] == [0, 2, 1]  # sorted by test accuracy
+    printed = capsys.readouterr().out
+    assert "hidden size multiple of 8: True   input size multiple of 8: False  runs:   1  below 0.84 test: 1" in printed
+    assert "hidden size multiple of 8: False  input size multiple of 8: False  runs:   1  below 0.84 test: 0" in printed

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification, Trainer, TrainerCallba
 
 from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
 from hf_rlprune.callback import STATE_FILE
-from hf_rlprune.pruning import compute_macs
+from hf_rlprune.pruning import compact, compute_macs
 from hf_rlprune.reward import batched_accuracy
 
 TINY_CNN = dict(conv_channels=[8, 16], hidden_sizes=[32], image_size=8)
@@ -245,3 +245,22 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
     assert recorder.holds_refit == [refit_applied]
     if refit_applied:
         assert recorder.accuracies == [record["reward_accuracy"]]
+
+
+def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeypatch, caplog):
+    _, callback = train(tmp_path / "ok", prune_config(num_rounds=1))
+    check = callback.report["compaction_check"]
+    assert check["agrees"] and check["max_logit_difference"] < 1e-4
+
+    def broken_compact(model):  # a compaction that changes what the model computes
+        small = compact(model)
+        with torch.no_grad():
+            small.classifier.bias.add_(1.0)
+        return small
+
+    monkeypatch.setattr("hf_rlprune.callback.compact", broken_compact)
+    with caplog.at_level("WARNING", logger="hf_rlprune.callback"):
+        _, callback = train(tmp_path / "broken", prune_config(num_rounds=1))
+    assert not callback.report["compaction_check"]["agrees"]
+    assert callback.report["compaction_check"]["max_logit_difference"] == pytest.approx(1.0, abs=1e-4)
+    assert "compacted model's logits differ" in caplog.text
