@@ -129,6 +129,18 @@ def test_lstm_mean_pooling_reads_every_real_token():
     assert not torch.allclose(last(input_ids=review).logits, mean(input_ids=review).logits)
 
 
+def test_lstm_recurrence_runs_in_float32_under_autocast():
+    # cuDNN's half-precision LSTM is wrong for some hidden sizes (see run_lstm): autocast must not reach the recurrence
+    model = tiny_lstm(lstm_hidden_sizes=[40, 8])
+    review = torch.randint(1, 30, (2, 9))
+    exact = model(input_ids=review, output_hidden_states=True).hidden_states
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(input_ids=review, output_hidden_states=True).hidden_states
+    for layer in range(2):  # the LSTM layers' outputs; the dense layers after them may run in bf16
+        assert mixed[layer].dtype == torch.float32
+        assert torch.equal(mixed[layer], exact[layer])
+
+
 def test_lstm_rejects_left_padding():
     model = tiny_lstm()
     with pytest.raises(ValueError, match="pad on the right"):

@@ -18,6 +18,24 @@ except ImportError:  # pragma: no cover
 from .configuration_rlprune_lstm import RLPruneLSTMConfig
 
 
+def run_lstm(lstm: nn.LSTM, inputs: torch.Tensor) -> torch.Tensor:
+    """One batch-first LSTM layer, (B, T, D) -> (B, T, H), with its recurrence in float32 under autocast.
+
+    cuDNN's half-precision LSTM computes wrong outputs for some hidden sizes: on an H100 (torch 2.11, cuDNN 9.19),
+    under bf16 or fp16 autocast, every hidden size that is a multiple of 8 but not of 32 (40, 72, 112, ...) was off by
+    0.2-0.6 on outputs bounded by 1, and pruned LSTMs land on such widths. float32 (TF32 on the GPU) is exact and,
+    one time step at a time, hardly slower. Models cast to float16 bypass cuDNN, whose float16 kernel has the same fault.
+    """
+    device_type = inputs.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return lstm(inputs.to(lstm.weight_hh_l0.dtype))[0]
+    if inputs.is_cuda and lstm.weight_hh_l0.dtype == torch.float16:
+        with torch.backends.cudnn.flags(enabled=False):
+            return lstm(inputs)[0]
+    return lstm(inputs)[0]
+
+
 class RLPruneLSTMPreTrainedModel(PreTrainedModel):
     config_class = RLPruneLSTMConfig
     base_model_prefix = "rlprune_lstm"
@@ -81,7 +99,7 @@ class RLPruneLSTMForSequenceClassification(RLPruneLSTMPreTrainedModel):
         hidden_states = self.embeddings(input_ids)  # (B, T, E)
         all_hidden_states = () if output_hidden_states else None
         for lstm in self.lstm_layers:
-            hidden_states, _ = lstm(hidden_states)  # (B, T, H_i)
+            hidden_states = run_lstm(lstm, hidden_states)  # (B, T, H_i)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         # Read over the real tokens only: identical however much right padding the batch adds.
