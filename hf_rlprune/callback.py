@@ -59,30 +59,50 @@ def _broadcast(payload):
     return holder[0]
 
 
-def _first_batch_logits(model, batches: list[dict]) -> torch.Tensor | None:
-    """The model's float32 logits on the first batch (eval mode, no autocast), for comparing models."""
+def _first_batch_logits(model, batches: list[dict], autocast_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The model's logits on the first batch (eval mode), as float32: computed in float32, or under `autocast_dtype`.
+
+    Calls the class's forward: under a Trainer with bf16/fp16, accelerate replaces the instance's forward with one that
+    runs under autocast, which would make the float32 comparison a half-precision one."""
     if not batches:
         return None
+    device_type = next(model.parameters()).device.type
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        logits = model(**{key: value for key, value in batches[0].items() if key != "labels"}).logits.float()  # (B, labels)
+    inputs = {key: value for key, value in batches[0].items() if key != "labels"}
+    with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = type(model).forward(model, **inputs).logits.float()  # (B, labels)
     model.train(was_training)
     return logits
 
 
-def _compare_logits(masked: torch.Tensor | None, compacted: torch.Tensor | None) -> dict | None:
-    """How far the compacted model's logits are from the masked model's (they should agree to rounding); a warning
-    when they do not, since the saved model would then not be the model that was trained and scored."""
-    if masked is None or compacted is None:
+def _check_compaction(masked: dict, compacted: dict) -> dict | None:
+    """How far the compacted model is from the masked one, per precision ({"float32": logits, "bfloat16": logits}); a
+    warning when they disagree, since the saved model would then not compute what was trained and scored.
+
+    float32 logits should agree to rounding. Half precision rounds logits coarsely and may flip a borderline
+    prediction, so there the predictions are compared: a kernel that is wrong for the compacted shapes (cuDNN's
+    half-precision LSTM was, for some widths) flips many."""
+    checks = {}
+    for precision, masked_logits in masked.items():
+        compacted_logits = compacted[precision]
+        if masked_logits is None or compacted_logits is None:
+            continue
+        difference = float((compacted_logits - masked_logits).abs().max())
+        agreement = float((compacted_logits.argmax(-1) == masked_logits.argmax(-1)).float().mean())
+        if precision == "float32":
+            agrees = difference <= 1e-2 * max(1.0, float(masked_logits.abs().max()))  # room for TF32 and kernel choice on GPUs
+        else:
+            agrees = agreement >= 0.98
+        checks[precision] = {"max_logit_difference": difference, "prediction_agreement": agreement, "agrees": agrees}
+        if not agrees:
+            logger.warning(
+                "The compacted model's %s logits differ from the masked model's on a reward batch (up to %.4g; %.1f%% of "
+                "predictions agree); the saved model does not compute what was trained. Please report it with the model's "
+                "widths, device and precision.", precision, difference, 100 * agreement)
+    if not checks:
         return None
-    difference = float((compacted - masked).abs().max())
-    agrees = difference <= 1e-2 * max(1.0, float(masked.abs().max()))  # room for TF32 and kernel choice on GPUs
-    if not agrees:
-        logger.warning(
-            "The compacted model's logits differ from the masked model's by up to %.4g on a reward batch; the saved model "
-            "does not compute what was trained. Please report it with the model's widths and device.", difference)
-    return {"max_logit_difference": difference, "agrees": agrees}
+    return {**checks, "agrees": all(check["agrees"] for check in checks.values())}
 
 
 def _inner_optimizer(optimizer):
@@ -376,7 +396,11 @@ class RLPruneCallback(TrainerCallback):
             reward_batches = evaluator.reward_batches
         else:
             reward_batches = [move_to_device(b, model.device) for b in evaluator.reward_batches_cpu]
-        masked_logits = _first_batch_logits(model, reward_batches)
+        # float32, and the precision the model was trained and scored in
+        precisions = {"float32": None}
+        if evaluator is not None and evaluator.autocast_dtype is not None:
+            precisions[str(evaluator.autocast_dtype).removeprefix("torch.")] = evaluator.autocast_dtype
+        masked_logits = {name: _first_batch_logits(model, reward_batches, dtype) for name, dtype in precisions.items()}
         small = compact(model)
         for name, child in small.named_children():  # in-place swap: trainer.model becomes the small model
             setattr(model, name, child)
@@ -385,7 +409,8 @@ class RLPruneCallback(TrainerCallback):
             if hasattr(model, attr):
                 delattr(model, attr)
         self.pruned_model = model
-        compaction_check = _compare_logits(masked_logits, _first_batch_logits(model, reward_batches))
+        compacted_logits = {name: _first_batch_logits(model, reward_batches, dtype) for name, dtype in precisions.items()}
+        compaction_check = _check_compaction(masked_logits, compacted_logits)
         from .card import build_report
 
         self.report = build_report(

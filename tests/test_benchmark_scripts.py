@@ -172,7 +172,7 @@ def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(script
 
 
 @pytest.mark.parametrize("name", ["prune", "benchmark", "bench_fidelity", "bench_latency", "bench_pruning", "bench_reward",
-                                  "lstm_width_outliers"])
+                                  "lstm_width_outliers", "cudnn_lstm_check"])
 def test_every_script_prints_its_help(name, monkeypatch, capsys):
     # argparse formats help strings with %: a bare % in a field's help breaks --help
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
@@ -196,5 +196,6 @@ def test_lstm_width_outliers_counts_runs_per_compacted_shape(tmp_path, monkeypat
     runs = outliers.main(["--paths", str(path)])
     assert [r["seed"] for r in runs] == [0, 2, 1]  # sorted by test accuracy
     printed = capsys.readouterr().out
-    assert "hidden size multiple of 8: True   input size multiple of 8: False  runs:   1  below 0.84 test: 1" in printed
-    assert "hidden size multiple of 8: False  input size multiple of 8: False  runs:   1  below 0.84 test: 0" in printed
+    assert "a multiple of 8, not of 32: True   input size multiple of 8: False  runs:   1  below 0.84 test: 1" in printed
+    assert "a multiple of 8, not of 32: False  input size multiple of 8: False  runs:   1  below 0.84 test: 0" in printed  # 71
+    assert "a multiple of 8, not of 32: False  input size multiple of 8: True   runs:   1  below 0.84 test: 0" in printed  # 64

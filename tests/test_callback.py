@@ -250,7 +250,7 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
 def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeypatch, caplog):
     _, callback = train(tmp_path / "ok", prune_config(num_rounds=1))
     check = callback.report["compaction_check"]
-    assert check["agrees"] and check["max_logit_difference"] < 1e-4
+    assert check["agrees"] and check["float32"]["max_logit_difference"] < 1e-4 and "bfloat16" not in check
 
     def broken_compact(model):  # a compaction that changes what the model computes
         small = compact(model)
@@ -262,5 +262,39 @@ def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeyp
     with caplog.at_level("WARNING", logger="hf_rlprune.callback"):
         _, callback = train(tmp_path / "broken", prune_config(num_rounds=1))
     assert not callback.report["compaction_check"]["agrees"]
-    assert callback.report["compaction_check"]["max_logit_difference"] == pytest.approx(1.0, abs=1e-4)
-    assert "compacted model's logits differ" in caplog.text
+    assert callback.report["compaction_check"]["float32"]["max_logit_difference"] == pytest.approx(1.0, abs=1e-4)
+    assert "compacted model's float32 logits differ" in caplog.text
+
+
+class WrongUnderAutocast(torch.nn.Module):
+    """A layer that is right in float32 and wrong in half precision, as cuDNN's half LSTM was for some widths."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states):
+        logits = self.layer(hidden_states)  # (B, labels)
+        return -logits if torch.is_autocast_enabled(hidden_states.device.type) else logits
+
+
+def test_the_compaction_check_runs_in_float32_and_in_the_training_precision(tmp_path, monkeypatch, caplog):
+    # Under bf16 the Trainer's model runs under autocast (accelerate wraps its forward): the float32 check must still be
+    # float32, and the bf16 check must catch a compacted model that is only wrong in bf16.
+    _, callback = train(tmp_path / "ok", prune_config(num_rounds=1), bf16=True)
+    check = callback.report["compaction_check"]
+    assert check["float32"]["max_logit_difference"] < 1e-4  # not bf16 rounding: the wrapper was bypassed
+    assert check["bfloat16"]["agrees"] and check["bfloat16"]["prediction_agreement"] >= 0.98 and check["agrees"]
+
+    def compact_wrong_in_bf16(model):
+        small = compact(model)
+        small.classifier = WrongUnderAutocast(small.classifier)
+        return small
+
+    monkeypatch.setattr("hf_rlprune.callback.compact", compact_wrong_in_bf16)
+    with caplog.at_level("WARNING", logger="hf_rlprune.callback"):
+        _, callback = train(tmp_path / "broken", prune_config(num_rounds=1), bf16=True)
+    check = callback.report["compaction_check"]
+    assert check["float32"]["agrees"] and not check["bfloat16"]["agrees"] and not check["agrees"]
+    assert check["bfloat16"]["prediction_agreement"] < 0.5
+    assert "compacted model's bfloat16 logits differ" in caplog.text
