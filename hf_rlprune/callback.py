@@ -193,7 +193,7 @@ class RLPruneCallback(TrainerCallback):
             seed=cfg.prune_seed,
             autocast_dtype=autocast,
             candidates_per_pass=cfg.candidates_per_pass,
-            refit_ridge=cfg.refit_ridge,
+            refit_ridge=cfg.effective_refit_ridge,
         )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
@@ -262,7 +262,7 @@ class RLPruneCallback(TrainerCallback):
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batches(self, round_index: int) -> list[dict]:
-        refit = self._evaluator.refit_batches if self.config.refit_ridge is not None else 0  # the refit's calibration batches
+        refit = self._evaluator.refit_batches if self.config.refit else 0  # the refit's calibration batches
         count = max(self.config.recovery_steps, refit)
         if not count:
             return []
@@ -307,7 +307,7 @@ class RLPruneCallback(TrainerCallback):
             policy.update()  # learn from this round's leftover episodes: the next round has another budget and weights
         widths = result.best_info["widths"]
         masks = masks_from_widths(model, widths, cfg.importance, taylor=self.taylor, seed=cfg.prune_seed)
-        refit = cfg.refit_ridge is not None and cfg.refit_applied
+        refit = cfg.refit and cfg.refit_applied
         return {
             "masks": {name: mask.tolist() for name, mask in masks.items()},
             "refitted": self._evaluator.refitted_parameters(widths) if refit else {},

@@ -81,7 +81,7 @@ class BenchmarkArguments:
     end_fraction: float = field(default=0.3, metadata={"help": "Fraction of fine-tuning at the last round; the rest recovers."})
     search_episodes: int = field(default=32, metadata={"help": "Reward evaluations per round (PPO and random search)."})
     recovery_steps: int = field(default=50, metadata={"help": "Recovery steps before each reward measurement."})
-    refit_ridge: float | None = field(default=None, metadata={"help": "RLPruneConfig.refit_ridge: refit the consumers before recovery (unset: off)."})
+    refit_ridge: float | None = field(default=None, metadata={"help": "Refit the consumers before recovery at this ridge (RLPruneConfig refit=True, refit_ridge); unset: no refit, as in the main tables."})
     refit_applied: bool = field(default=False, metadata={"help": "RLPruneConfig.refit_applied: the fine-tuned model takes the chosen allocation's refit too."})
     reward_size: float = field(default=0.1, metadata={"help": "Fraction of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
@@ -121,7 +121,7 @@ def spearman(x, y) -> float:
 
 def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int) -> RLPruneConfig:
     common = dict(target=budget, prune_seed=seed, search_episodes=args.search_episodes, recovery_steps=args.recovery_steps,
-                  refit_ridge=args.refit_ridge, refit_applied=args.refit_applied,
+                  refit=args.refit_ridge is not None, refit_ridge=0.01 if args.refit_ridge is None else args.refit_ridge, refit_applied=args.refit_applied,
                   num_rounds=args.num_rounds, start_fraction=args.start_fraction, end_fraction=args.end_fraction,
                   save_on_train_end=False, show_progress=False)
     if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning

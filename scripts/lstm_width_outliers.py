@@ -7,7 +7,7 @@ Reads benchmark.py results files and prints every LSTM run sorted by test accura
 compacted model's reward-split accuracy and, where `--select_best_epoch` recorded it, the masked model's reward-split
 accuracy at its last epoch before compaction (both under the Trainer's bf16 autocast on a GPU). Then counts the runs
 per shape: whether the hidden size is one that cuDNN's half-precision LSTM computed wrongly on the H100 (a multiple of
-8 but not of 32: results/raw/cudnn-lstm-sweep.json, from scripts/cudnn_lstm_check.py), and whether the embedding is a multiple of 8.
+8 but not of 32: results/raw/cudnn-lstm-check.json, from scripts/cudnn_lstm_check.py), and whether the embedding is a multiple of 8.
 Runs made since the model file's fix (the recurrence in float32 under autocast) are not affected by that fault.
 """
 

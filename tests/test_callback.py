@@ -145,8 +145,10 @@ def test_bad_input(tmp_path):
         RLPruneConfig(method="greedy")
     with pytest.raises(ValueError, match="candidates_per_pass"):
         RLPruneConfig(candidates_per_pass=0)
-    with pytest.raises(ValueError, match="refit_applied = True needs refit_ridge"):
-        RLPruneConfig(refit_applied=True)
+    with pytest.raises(ValueError, match="refit_applied = True needs refit = True"):
+        RLPruneConfig(refit_applied=True, refit=False)
+    with pytest.raises(ValueError, match="set refit = False"):
+        RLPruneConfig(refit_ridge=None)
     _, reward = tiny_data()
     callback = RLPruneCallback(prune_config(), reward_dataset=reward)
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
@@ -190,14 +192,15 @@ def test_two_process_ddp_applies_identical_masks(tmp_path):
 
 
 def test_refit_reward_through_the_trainer_with_and_without_recovery(tmp_path):
-    # The refit needs training batches even without recovery steps; the budget holds and the same seed repeats.
+    # The refit (on by default) needs training batches even without recovery steps; the budget holds and the same seed
+    # repeats.
     runs = {}
     for steps in (0, 2):
-        _, runs[steps] = train(tmp_path / f"refit{steps}", prune_config(refit_ridge=0.01, recovery_steps=steps))
+        _, runs[steps] = train(tmp_path / f"refit{steps}", prune_config(recovery_steps=steps))
         assert runs[steps].history[-1]["macs_ratio"] <= 0.3 and runs[steps].reward_evaluations == 8
-    _, again = train(tmp_path / "again", prune_config(refit_ridge=0.01, recovery_steps=0))
+    _, again = train(tmp_path / "again", prune_config(recovery_steps=0, refit_ridge=0.01))
     assert [h["masks_sha1"] for h in again.history] == [h["masks_sha1"] for h in runs[0].history]
-    _, plain = train(tmp_path / "plain", prune_config(recovery_steps=0))
+    _, plain = train(tmp_path / "plain", prune_config(refit=False, recovery_steps=0))
     assert [h["reward"] for h in plain.history] != [h["reward"] for h in runs[0].history]  # the refit changed the rewards
 
 
