@@ -81,19 +81,20 @@ def _check_compaction(masked: dict, compacted: dict) -> dict | None:
     warning when they disagree, since the saved model would then not compute what was trained and scored.
 
     float32 logits should agree to rounding. Half precision rounds logits coarsely and may flip a borderline
-    prediction, so there the predictions are compared: a kernel that is wrong for the compacted shapes (cuDNN's
-    half-precision LSTM was, for some widths) flips many."""
+    prediction, so there the predictions are compared (at most 2% of the batch, or one, may flip): a kernel that is
+    wrong for the compacted shapes (cuDNN's half-precision LSTM was, for some widths) flips many."""
     checks = {}
     for precision, masked_logits in masked.items():
         compacted_logits = compacted[precision]
         if masked_logits is None or compacted_logits is None:
             continue
         difference = float((compacted_logits - masked_logits).abs().max())
-        agreement = float((compacted_logits.argmax(-1) == masked_logits.argmax(-1)).float().mean())
+        flipped = int((compacted_logits.argmax(-1) != masked_logits.argmax(-1)).sum())
+        agreement = 1.0 - flipped / max(1, masked_logits.shape[0])
         if precision == "float32":
             agrees = difference <= 1e-2 * max(1.0, float(masked_logits.abs().max()))  # room for TF32 and kernel choice on GPUs
-        else:
-            agrees = agreement >= 0.98
+        else:  # a borderline prediction or one in 50 may flip by rounding
+            agrees = flipped <= max(1, int(0.02 * masked_logits.shape[0]))
         checks[precision] = {"max_logit_difference": difference, "prediction_agreement": agreement, "agrees": agrees}
         if not agrees:
             logger.warning(
@@ -396,7 +397,7 @@ class RLPruneCallback(TrainerCallback):
             reward_batches = evaluator.reward_batches
         else:
             reward_batches = [move_to_device(b, model.device) for b in evaluator.reward_batches_cpu]
-        # float32, and the precision the model was trained and scored in
+        # float32, and the Trainer's mixed precision (accelerate runs the model's forward under that autocast)
         precisions = {"float32": None}
         if evaluator is not None and evaluator.autocast_dtype is not None:
             precisions[str(evaluator.autocast_dtype).removeprefix("torch.")] = evaluator.autocast_dtype

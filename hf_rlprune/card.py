@@ -34,6 +34,9 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "target": config.target,
         "num_rounds": config.num_rounds,
         "seed": config.prune_seed,
+        # how each candidate was scored: the reward's recipe, which the defaults no longer pin down across versions
+        "reward_setup": {"refit": config.refit, "refit_ridge": config.refit_ridge if config.refit else None,
+                         "recovery_steps": config.recovery_steps},
         "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
         "layers": layers,
         "macs": {"dense": macs_before, "pruned": macs_after},
@@ -114,6 +117,12 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
     )
     plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot: matplotlib is not installed)"
     cost_note = report.get("cost_note", "")
+    setup = report.get("reward_setup")  # absent from reports written before it was recorded
+    if setup is None:
+        reward_setup = ""
+    else:
+        refit = f"its pruned layers' consumers refitted by ridge least squares (ridge {setup['refit_ridge']}), then " if setup["refit"] else ""
+        reward_setup = f" Before its reward, each candidate had {refit}{setup['recovery_steps']} recovery steps of training."
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -149,6 +158,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         num_rounds=report["num_rounds"],
         reward_evaluations=report["search"]["reward_evaluations"],
         search_seconds=f"{report['search']['search_seconds']:.1f}",
+        reward_setup=reward_setup,
         reproduce_command=reproduce_command or report.get("command") or "python scripts/prune.py --smoke",
     )
 

@@ -427,6 +427,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.report_only:
         return write_outputs(merge_results(args.report_only), args)
+    if args.refit_applied and args.refit_ridge is None:
+        raise ValueError("--refit_applied True needs --refit_ridge (e.g. 0.01): without it the benchmark does not refit.")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")

@@ -196,6 +196,13 @@ def test_lstm_width_outliers_counts_runs_per_compacted_shape(tmp_path, monkeypat
     runs = outliers.main(["--paths", str(path)])
     assert [r["seed"] for r in runs] == [0, 2, 1]  # sorted by test accuracy
     printed = capsys.readouterr().out
-    assert "a multiple of 8, not of 32: True   input size multiple of 8: False  runs:   1  below 0.84 test: 1" in printed
-    assert "a multiple of 8, not of 32: False  input size multiple of 8: False  runs:   1  below 0.84 test: 0" in printed  # 71
-    assert "a multiple of 8, not of 32: False  input size multiple of 8: True   runs:   1  below 0.84 test: 0" in printed  # 64
+    assert "a multiple of 8, not of 32 (40-184): True   input size multiple of 8: False  runs:   1  below 0.84 test: 1" in printed
+    assert "a multiple of 8, not of 32 (40-184): False  input size multiple of 8: False  runs:   1  below 0.84 test: 0" in printed  # 71
+    assert "a multiple of 8, not of 32 (40-184): False  input size multiple of 8: True   runs:   1  below 0.84 test: 0" in printed  # 64
+
+
+def test_benchmark_refuses_refit_applied_without_a_refit(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    benchmark = importlib.import_module("benchmark")
+    with pytest.raises(ValueError, match="--refit_applied True needs --refit_ridge"):
+        benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
