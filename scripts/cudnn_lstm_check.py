@@ -12,6 +12,8 @@ Three measurements, printed and written to `--output`:
    autocast) and as it was before (the LSTM under autocast).
 3. The cost of the float32 recurrence: one bf16-autocast training step of the dense IMDB LSTM (batch 128, 512
    tokens), both ways, in milliseconds.
+4. `run_lstm` on weights cast to float16 (which it runs without cuDNN), with and without bf16 autocast, against
+   float32 on the CPU, for the hidden sizes in `--float16_hidden_sizes`.
 """
 
 import json
@@ -38,6 +40,7 @@ class CheckArguments:
         default_factory=lambda: ["34/112/7", "41/72/26", "63/63/32"],
         metadata={"help": "Embedding/hidden/dense widths of compacted IMDB LSTMs to check (slash-separated)."},
     )
+    float16_hidden_sizes: list[int] = field(default_factory=lambda: [72, 112, 128], metadata={"help": "Hidden sizes for check 4."})
     seed: int = field(default=0, metadata={"help": "Seed of weights and inputs."})
 
 
@@ -137,6 +140,20 @@ def main(argv=None) -> dict:
             torch.manual_seed(args.seed)
             results["training_step_ms"].setdefault(name, []).append(round(training_step_ms(config, recurrence, ids[:128], mask[:128]), 2))
     print("   " + ", ".join(f"{name}: {values}" for name, values in results["training_step_ms"].items()))
+
+    print("\n4. run_lstm with float16 weights against float32 on the CPU (input 34, batch 128, 64 steps)")
+    results["float16_weights"] = {}
+    for hidden_size in args.float16_hidden_sizes:
+        lstm = nn.LSTM(34, hidden_size, batch_first=True)
+        inputs = torch.randn(128, 64, 34)  # (B, T, D)
+        with torch.no_grad():
+            reference, _ = lstm(inputs)  # (B, T, H)
+            half, half_inputs = lstm.cuda().half(), inputs.cuda().half()
+            plain = float((modeling_rlprune_lstm.run_lstm(half, half_inputs).float().cpu() - reference).abs().max())
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                autocast = float((modeling_rlprune_lstm.run_lstm(half, half_inputs).float().cpu() - reference).abs().max())
+        results["float16_weights"][hidden_size] = {"no_autocast": plain, "bf16_autocast": autocast}
+        print(f"   hidden {hidden_size}: {plain:.4f} without autocast, {autocast:.4f} under bf16 autocast")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
