@@ -45,7 +45,7 @@ from hf_rlprune.tasks import (
 
 logger = logging.getLogger("hf_rlprune.benchmark")
 MACS_METHODS = ("ppo", "random", "uniform", "oneshot")  # the MACs-budget comparison, and the default
-METHODS = (*MACS_METHODS, "ppo_latency", "random_oneshot")
+METHODS = (*MACS_METHODS, "ppo_latency", "random_oneshot", "random_oneshot_latency")
 
 
 @dataclass
@@ -73,7 +73,8 @@ class BenchmarkArguments:
     methods: list[str] = field(
         default_factory=lambda: list(MACS_METHODS),
         metadata={"help": f"Among {METHODS}; ppo_latency's budget is a fraction of the dense ORT CPU latency at batch 128, not of MACs; "
-                          "random_oneshot fine-tunes one random allocation per seed (run many seeds: the best is the head-room)."},
+                          "random_oneshot fine-tunes one random allocation per seed (run many seeds: the best is the head-room); "
+                          "random_oneshot_latency does so under ppo_latency's latency budget."},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
     num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
@@ -129,9 +130,13 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
     if method == "random_oneshot":  # one random allocation (the seed's), cut at the first step: best of N seeds = head-room
         return RLPruneConfig(**{**common, "method": "random", "search_episodes": 1, "num_rounds": 1, "start_fraction": 0.0,
                                 "end_fraction": 0.0})
+    latency_budget = dict(budget_kind="latency", latency_runtime="onnxruntime", latency_batch_size=128,
+                          latency_table_path=args.latency_table_path)
     if method == "ppo_latency":  # the agent under a budget on ONNX Runtime CPU latency at batch 128 (widths snapped to 8)
-        return RLPruneConfig(**{**common, "method": "ppo", "budget_kind": "latency", "latency_runtime": "onnxruntime",
-                                "latency_batch_size": 128, "latency_table_path": args.latency_table_path})
+        return RLPruneConfig(**{**common, "method": "ppo", **latency_budget})
+    if method == "random_oneshot_latency":  # the head-room under that latency budget, as random_oneshot's under MACs
+        return RLPruneConfig(**{**common, "method": "random", "search_episodes": 1, "num_rounds": 1, "start_fraction": 0.0,
+                                "end_fraction": 0.0, **latency_budget})
     return RLPruneConfig(**{**common, "method": method})
 
 
@@ -251,7 +256,7 @@ def markdown(results: dict, summary: dict) -> str:
         gpu = f"{latency['torch_cuda_batch128']['pruned']:.2f}" if "torch_cuda_batch128" in latency else "–"
         ratios = ", ".join(f"{v:.2f}" for v in row["keep_ratios"].values())
         lines.append(
-            f"| {row['budget']:.2f}{' latency' if row['method'] == 'ppo_latency' else ''} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
+            f"| {row['budget']:.2f}{' latency' if row['method'].endswith('_latency') else ''} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
             f"| {100 * (row['accuracy_mean'] - dense['accuracy']):+.2f} | {row['macs']:,.0f} ({row['macs_ratio']:.3f}) | {row['params']:,.0f} "
             f"| {100 * row['pruning_ratio_units']:.1f}% | {row['trade_off']:.3f} | {row['reward_evaluations']} | {row['search_seconds']:.1f} "
             f"| {row['total_seconds']:.1f} | {ort} | {gpu} | {ratios} |"
@@ -260,9 +265,10 @@ def markdown(results: dict, summary: dict) -> str:
     if dense_latency:
         lines += ["", "Dense latency (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in dense_latency.items()) + "."]
     for row in summary["rows"]:
-        if row["method"] == "random_oneshot":
-            best = max((r for r in results["runs"] if r["method"] == "random_oneshot" and r["budget"] == row["budget"]), key=lambda r: r["test_accuracy"])
-            lines += ["", f"Best of {row['seeds']} random one-shot allocations, each fully fine-tuned, at {row['budget']:.2f}: "
+        if row["method"] in ("random_oneshot", "random_oneshot_latency"):
+            best = max((r for r in results["runs"] if r["method"] == row["method"] and r["budget"] == row["budget"]), key=lambda r: r["test_accuracy"])
+            budget_kind = "latency" if row["method"].endswith("_latency") else "MACs"
+            lines += ["", f"Best of {row['seeds']} random one-shot allocations, each fully fine-tuned, at {row['budget']:.2f} {budget_kind}: "
                       f"{100 * best['test_accuracy']:.2f}% (seed {best['seed']}, keep ratios "
                       f"{', '.join(f'{v:.2f}' for v in best['report']['policy'].values())})."]
     costs = search_cost(summary)

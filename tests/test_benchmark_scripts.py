@@ -206,3 +206,24 @@ def test_benchmark_refuses_refit_applied_without_a_refit(monkeypatch):
     benchmark = importlib.import_module("benchmark")
     with pytest.raises(ValueError, match="--refit_applied True needs --refit_ridge"):
         benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
+
+
+def test_random_oneshot_under_a_latency_budget(scripts, tmp_path):
+    # the head-room probe of ppo_latency: one random allocation per seed, under the same latency budget, cut once
+    benchmark, _ = scripts
+    args = benchmark.BenchmarkArguments(latency_table_path=str(tmp_path / "cnn.json"))
+    config = benchmark.prune_config(args, "random_oneshot_latency", 0.25, 3)
+    assert (config.method, config.search_episodes, config.num_rounds, config.budget_kind) == ("random", 1, 1, "latency")
+    assert config.latency_table_path == str(tmp_path / "cnn.json") and config.prune_seed == 3 and config.width_multiple == 8
+
+    def run(seed, accuracy):
+        report = {"macs": {"dense": 100, "pruned": 20}, "params": {"pruned": 10}, "pruning_ratio": {"units_removed": 0.7},
+                  "trade_off_score": {"pruned": 1.0}, "search": {"reward_evaluations": 1, "search_seconds": 0.1, "total_seconds": 9.0},
+                  "policy": {"conv_blocks.0": 0.5, "conv_blocks.1": 0.25 + seed / 100}, "latency_ms": {}}
+        return {"method": "random_oneshot_latency", "budget": 0.25, "seed": seed, "test_accuracy": accuracy, "final_reward": None, "report": report}
+
+    results = {"name": "cifar10", "device": "cpu", "runs": [run(0, 0.70), run(1, 0.74), run(2, 0.72)],
+               "dense": {"accuracy": 0.8, "macs": 100, "params": 40, "pretrain_seconds": 1.0}}
+    table = benchmark.markdown(results, benchmark.summarize(results))
+    assert "| 0.25 latency | random_oneshot_latency | 72.00 ± 2.00 |" in table
+    assert "Best of 3 random one-shot allocations, each fully fine-tuned, at 0.25 latency: 74.00% (seed 1, keep ratios 0.50, 0.26)" in table
