@@ -16,6 +16,7 @@ Three measurements, printed and written to `--output`:
    float32 on the CPU, for the hidden sizes in `--float16_hidden_sizes`.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -60,27 +61,32 @@ def layer_before_fix(lstm, inputs):
     return lstm(inputs)[0]  # the LSTM under the caller's autocast
 
 
+@contextlib.contextmanager
+def recurrence_as(layer_fn):
+    """The LSTM model runs its layers through `layer_fn` instead of the shipped `run_lstm` inside this context."""
+    shipped, modeling_rlprune_lstm.run_lstm = modeling_rlprune_lstm.run_lstm, layer_fn
+    try:
+        yield
+    finally:
+        modeling_rlprune_lstm.run_lstm = shipped
+
+
 def compaction_under_autocast(config, widths: dict, ids, mask) -> dict:
     model = RLPruneLSTMForSequenceClassification(config).cuda().eval()
     apply_masks(model, masks_from_widths(model, widths, "l1", seed=0))
     small = compact(model).eval()
     row = {}
     for name, recurrence in (("before_fix", layer_before_fix), ("as_shipped", modeling_rlprune_lstm.run_lstm)):
-        shipped, modeling_rlprune_lstm.run_lstm = modeling_rlprune_lstm.run_lstm, recurrence
-        try:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                masked = model(input_ids=ids, attention_mask=mask).logits[:, 1].float()  # (B,)
-                compacted = small(input_ids=ids, attention_mask=mask).logits[:, 1].float()  # (B,)
-        finally:
-            modeling_rlprune_lstm.run_lstm = shipped
+        with recurrence_as(recurrence), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            masked = model(input_ids=ids, attention_mask=mask).logits[:, 1].float()  # (B,)
+            compacted = small(input_ids=ids, attention_mask=mask).logits[:, 1].float()  # (B,)
         row[name] = {"max_logit_difference": float((masked - compacted).abs().max()),
                      "flipped_predictions": int(((masked > 0) != (compacted > 0)).sum()), "examples": int(ids.shape[0])}
     return row
 
 
 def training_step_ms(config, recurrence, ids, mask, steps=20, warmup=5) -> float:
-    shipped, modeling_rlprune_lstm.run_lstm = modeling_rlprune_lstm.run_lstm, recurrence
-    try:
+    with recurrence_as(recurrence):
         model = RLPruneLSTMForSequenceClassification(config).cuda().train()
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
         labels = torch.randint(0, 2, (ids.shape[0],), device="cuda")
@@ -95,8 +101,6 @@ def training_step_ms(config, recurrence, ids, mask, steps=20, warmup=5) -> float
             optimizer.zero_grad()
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps * 1000
-    finally:
-        modeling_rlprune_lstm.run_lstm = shipped
 
 
 def main(argv=None) -> dict:
