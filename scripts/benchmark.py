@@ -36,6 +36,7 @@ from hf_rlprune.tasks import (
     DeviceBatchCollator,
     IndexDataset,
     build_model,
+    inverse_time_decay,
     load_model,
     prepare_task,
     task_tensors,
@@ -61,6 +62,15 @@ class BenchmarkArguments:
     pretrain_patience: int | None = field(default=None, metadata={"help": "Stop pre-training after this many epochs without reward-split gain."})
     finetune_epochs: float = field(default=10, metadata={"help": "Epochs of pruning + fine-tuning, the same for every method."})
     finetune_lr: float = field(default=1e-3, metadata={"help": "Fine-tuning learning rate (cosine decay), the same for every method."})
+    prune_while_pretraining: bool = field(
+        default=False,
+        metadata={"help": "Each run starts from a fresh initialization (its seed) instead of the dense model and trains for "
+                          "pretrain_epochs + finetune_epochs with the plan's pre-training recipe (Adam, lr decay 1e-4), the "
+                          "callback pruning on its schedule (start_fraction/end_fraction of that whole run): the same total "
+                          "training as pre-training plus one-shot fine-tuning. The dense model is still pre-trained (or "
+                          "loaded) as the reference; oneshot then trains the uniformly narrowed model from scratch. Results are named "
+                          "<task>-while-pretraining."},
+    )
     select_best_epoch: bool = field(
         default=False,
         metadata={"help": "Keep the fine-tuning epoch with the best reward-split accuracy (among epochs after the last pruning "
@@ -165,13 +175,20 @@ class BestEpochOnRewardSplit(TrainerCallback):
 
 def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, measure_latency_now) -> dict:
     set_seed(seed)
-    model = copy.deepcopy(dense).to(device)
+    epochs, learning_rate, optimizers = args.finetune_epochs, args.finetune_lr, (None, None)
+    if args.prune_while_pretraining:  # a fresh model trained with the pre-training recipe for as long as pre-training + fine-tuning
+        model = type(dense)(copy.deepcopy(dense.config)).to(device)
+        epochs, learning_rate = args.pretrain_epochs + args.finetune_epochs, 1e-3
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        optimizers = (optimizer, inverse_time_decay(optimizer, 1e-4))
+    else:
+        model = copy.deepcopy(dense).to(device)
     callback = RLPruneCallback(prune_config(args, method, budget, seed), reward_dataset=IndexDataset(len(tensors["reward"]["labels"])),
                                data_collator=DeviceBatchCollator(tensors["reward"], train=False))
     with tempfile.TemporaryDirectory() as tmp:
         training = TrainingArguments(
-            output_dir=tmp, num_train_epochs=args.finetune_epochs, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.finetune_lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+            output_dir=tmp, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size,
+            learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
             save_strategy="no", report_to=[], logging_steps=200, seed=seed, bf16=autocast is torch.bfloat16,
             dataloader_pin_memory=False, dataloader_drop_last=True, use_cpu=device.type == "cpu", disable_tqdm=True,
         )
@@ -182,7 +199,7 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
         trainer = (DistillationTrainer if distillation else Trainer)(
             model=model, args=training, train_dataset=IndexDataset(len(tensors["train"]["labels"])),
             data_collator=DeviceBatchCollator(tensors["train"], train=True, seed=seed),
-            callbacks=[best_epoch, callback] if best_epoch else [callback], **distillation)
+            callbacks=[best_epoch, callback] if best_epoch else [callback], optimizers=optimizers, **distillation)
         start = time.perf_counter()
         trainer.train()
         total_seconds = time.perf_counter() - start
@@ -446,8 +463,9 @@ def main(argv=None):
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     setup = setup_task(args)
     dense, device = setup.dense, setup.device
+    name = setup.name + ("-while-pretraining" if args.prune_while_pretraining else "")
     results = {
-        "name": setup.name, "task": args.task, "command": command,
+        "name": name, "task": args.task, "command": command,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "args": {k: v for k, v in vars(args).items()},
         "dense": {"accuracy": setup.dense_accuracy, "macs": compute_macs(dense), "params": count_parameters(dense),
@@ -460,7 +478,7 @@ def main(argv=None):
             for index, seed in enumerate(args.seeds):
                 results["runs"].append(run_one(args, dense, {"dense_accuracy": setup.dense_accuracy}, setup.tensors, method, budget, seed,
                                                device, setup.autocast, measure_latency_now=index < args.latency_runs))
-                with open(os.path.join(args.output_dir, f"{setup.name}.partial.json"), "w") as handle:  # survives a cut-off run
+                with open(os.path.join(args.output_dir, f"{name}.partial.json"), "w") as handle:  # survives a cut-off run
                     json.dump(results, handle)
     return write_outputs(results, args)
 

@@ -227,3 +227,46 @@ def test_random_oneshot_under_a_latency_budget(scripts, tmp_path):
     table = benchmark.markdown(results, benchmark.summarize(results))
     assert "| 0.25 latency | random_oneshot_latency | 72.00 ± 2.00 |" in table
     assert "Best of 3 random one-shot allocations, each fully fine-tuned, at 0.25 latency: 74.00% (seed 1, keep ratios 0.50, 0.26)" in table
+
+
+def test_pruning_while_pretraining_trains_a_fresh_model_for_the_whole_recipe(tmp_path, cifar_dir, scripts):
+    benchmark, _ = scripts
+    benchmark.main(["--task", "cifar10", "--dataset_dir", str(cifar_dir), "--batch_size", "32", "--pretrain_epochs", "1",
+                    "--finetune_epochs", "1", "--prune_while_pretraining", "True", "--methods", "uniform", "--budgets", "0.5",
+                    "--seeds", "0", "--num_rounds", "2", "--start_fraction", "0.25", "--end_fraction", "0.5",
+                    "--recovery_steps", "0", "--latency_runs", "0", "--output_dir", str(tmp_path / "bench"),
+                    "--cards_dir", str(tmp_path / "cards")])
+    results = json.loads((tmp_path / "bench" / "cifar10-while-pretraining.json").read_text())
+    run = results["runs"][0]
+    steps_per_epoch = (600 - 60) // 32  # 10% of the training rows are the reward split; the last partial batch is dropped
+    # the schedule spans pre-training + fine-tuning (2 epochs), not the fine-tuning epoch alone
+    assert [r["step"] for r in run["report"]["rounds"]] == [round(0.25 * 2 * steps_per_epoch), round(0.5 * 2 * steps_per_epoch)]
+    assert run["report"]["macs"]["pruned"] <= 0.5 * results["dense"]["macs"]
+    # the dense reference is the pre-trained model, measured apart from the pruned run
+    assert results["dense"]["pretrain_seconds"] > 0 and results["args"]["prune_while_pretraining"] is True
+
+
+def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts, monkeypatch):
+    # run_one must not start from the dense weights: capture the model handed to the Trainer
+    benchmark, _ = scripts
+    dense = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[4, 8], dense_units=[16], image_size=8))
+    with torch.no_grad():
+        for parameter in dense.parameters():
+            parameter.fill_(0.5)
+    seen = {}
+
+    class StopTrainer:
+        def __init__(self, model, args, optimizers, **kwargs):
+            seen.update(model=model, epochs=args.num_train_epochs, optimizers=optimizers)
+            raise RuntimeError("stop")
+
+    monkeypatch.setattr(benchmark, "Trainer", StopTrainer)
+    args = benchmark.BenchmarkArguments(prune_while_pretraining=True, pretrain_epochs=7, finetune_epochs=3)
+    tensors = {split: {"pixel_values": torch.zeros(4, 3, 8, 8), "labels": torch.zeros(4, dtype=torch.long)} for split in ("train", "reward")}
+    with pytest.raises(RuntimeError, match="stop"):
+        benchmark.run_one(args, dense, {"dense_accuracy": 0.5}, tensors, "uniform", 0.5, 0, torch.device("cpu"), None, False)
+    assert seen["epochs"] == 10
+    assert not any(torch.all(p == 0.5) for p in seen["model"].parameters() if p.dim() > 1)  # freshly initialized weights
+    optimizer, scheduler = seen["optimizers"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert scheduler.lr_lambdas[0](10_000) == pytest.approx(1 / (1 + 1e-4 * 10_000))  # the plan's decay
