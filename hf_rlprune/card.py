@@ -115,7 +115,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         f"| `{layer['name']}` | {layer['kind']} | {layer['dense_width']} | {layer['width']} | {layer['keep_ratio']:.3f} |"
         for layer in report["layers"]
     )
-    plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot: matplotlib is not installed)"
+    plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot saved with this card)"
     cost_note = report.get("cost_note", "")
     setup = report.get("reward_setup")  # absent from reports written before it was recorded
     if setup is None:

@@ -30,7 +30,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
-from hf_rlprune.card import render_model_card, update_trade_off
+from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
     DeviceBatchCollator,
@@ -332,7 +332,8 @@ def plot(results: dict, summary: dict, path: str) -> bool:
 
 
 def portable_command(command: str, task: str) -> str:
-    """The recorded command with machine paths replaced: data from ../shared/data, where the output goes left out."""
+    """The recorded command with machine paths replaced: data from ../shared/data, where the output goes left out, and a
+    loaded dense model pre-trained instead (seed 0, so the same model), so the command runs on its own."""
     words, kept, index = command.split(), [], 0
     while index < len(words):
         word = words[index]
@@ -344,7 +345,7 @@ def portable_command(command: str, task: str) -> str:
             index += 2
             continue
         if word == "--dense_model_path":
-            kept += [word, f"outputs/dense-{task}"]
+            kept += ["--save_dense_to", f"outputs/dense-{task}"]
             index += 2
             continue
         kept.append(word)
@@ -375,7 +376,9 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
         name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
         command = " && ".join(portable_command(part, results["task"]) for part in best.get("command", results["command"]).split(" && "))
         report = dict(best["report"], command=command)
-        card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"])
+        has_plot = plot_accuracy_vs_macs(report, os.path.join(args.cards_dir, f"{name}.png"))
+        card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"],
+                                 plot_file=f"{name}.png" if has_plot else None)
         card.save(os.path.join(args.cards_dir, f"{name}.md"))
     return summary
 

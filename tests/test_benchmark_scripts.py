@@ -244,6 +244,10 @@ def test_pruning_while_pretraining_trains_a_fresh_model_for_the_whole_recipe(tmp
     assert run["report"]["macs"]["pruned"] <= 0.5 * results["dense"]["macs"]
     # the dense reference is the pre-trained model, measured apart from the pruned run
     assert results["dense"]["pretrain_seconds"] > 0 and results["args"]["prune_while_pretraining"] is True
+    # the best run's card is named after these results and shows its accuracy-versus-MACs plot, saved beside it
+    card = (tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.md").read_text()
+    assert "![accuracy versus MACs](cifar10-while-pretraining-50pct-macs.png)" in card and "{{" not in card
+    assert (tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.png").stat().st_size > 0
 
 
 def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts, monkeypatch):
@@ -270,3 +274,13 @@ def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts,
     optimizer, scheduler = seen["optimizers"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert scheduler.lr_lambdas[0](10_000) == pytest.approx(1 / (1 + 1e-4 * 10_000))  # the plan's decay
+
+
+def test_a_cards_command_runs_on_its_own(scripts):
+    # machine paths replaced; a loaded dense model becomes one pre-trained (and saved) by the command itself
+    benchmark, _ = scripts
+    command = ("python scripts/benchmark.py --task cifar10 --dataset_dir /tmp/data/cifar10 --dense_model_path /tmp/dense "
+               "--budgets 0.5 --output_dir /tmp/out --cards_dir /tmp/c1 --seeds 2")
+    assert benchmark.portable_command(command, "cifar10") == (
+        "python scripts/benchmark.py --task cifar10 --dataset_dir ../shared/data/cifar10 --save_dense_to outputs/dense-cifar10 "
+        "--budgets 0.5 --seeds 2")
