@@ -14,7 +14,9 @@ Steps: pre-train the dense model with the plan's recipe (or load --dense_model_p
 seed, prune + fine-tune through RLPruneCallback with identical TrainingArguments (methods: the PPO agent, random
 search with the same number of reward evaluations, uniform keep ratio, and uniform one-shot at step 1 as the
 non-gradual reference); measure test accuracy, cost and latency; write results/<name>.json, .md and .png, and
-model cards of the best pruned model per budget to model_cards/.
+model cards of the best pruned model per budget to model_cards/. `--prune_while_pretraining True` instead trains
+each run from a fresh initialization for pre-training + fine-tuning epochs, pruning on the callback's schedule;
+`--num_rounds 1 --start_fraction 0 --end_fraction 0` prunes once at the first fine-tuning step.
 """
 
 import copy
