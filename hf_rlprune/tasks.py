@@ -32,6 +32,7 @@ CNN_PRESETS = {
     "small": dict(conv_channels=[16, 32], hidden_sizes=[128]),  # the --smoke run: same structure, CPU-sized
 }
 MODEL_TYPES = {"cifar10": RLPruneCNNConfig.model_type, "imdb": RLPruneLSTMConfig.model_type}
+PLAN_LEARNING_RATE, PLAN_LR_DECAY = 1e-3, 1e-4  # the plan's pre-training recipe: Adam lr 1e-3, Keras-style decay 1e-4
 
 
 @dataclass
@@ -141,7 +142,7 @@ def inverse_time_decay(optimizer, decay: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
 
 
-def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=1e-3, lr_decay=1e-4,
+def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY,
              batch_size=128, seed=0, use_cpu=False, bf16=False, max_steps=-1):
     """Train the dense model with the plan's recipe (Adam lr 1e-3, lr decay 1e-4, batch 128) and save it."""
     from transformers import Trainer, TrainingArguments
@@ -246,7 +247,7 @@ def tensor_accuracy(model, tensors: dict, batch_size: int = 1024, autocast_dtype
     return float(correct) / total
 
 
-def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=1e-3, lr_decay=1e-4, batch_size=128, seed=0,
+def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY, batch_size=128, seed=0,
                      autocast_dtype=None, eval_tensors: dict | None = None, patience: int | None = None, log=print):
     """A lean training loop for dense pre-training with the plan's recipe (Adam, Keras-style lr decay, batch 128)
     on device-resident data. With `eval_tensors` and `patience`, keeps the best epoch by held-out accuracy and stops

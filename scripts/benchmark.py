@@ -35,6 +35,8 @@ from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
+    PLAN_LEARNING_RATE,
+    PLAN_LR_DECAY,
     DeviceBatchCollator,
     IndexDataset,
     build_model,
@@ -67,7 +69,8 @@ class BenchmarkArguments:
     prune_while_pretraining: bool = field(
         default=False,
         metadata={"help": "Each run starts from a fresh initialization (its seed) instead of the dense model and trains for "
-                          "pretrain_epochs + finetune_epochs with the plan's pre-training recipe (Adam, lr decay 1e-4), the "
+                          "pretrain_epochs + finetune_epochs with the plan's pre-training recipe (Adam lr 1e-3, lr decay 1e-4; "
+                          "finetune_lr is not used), the "
                           "callback pruning on its schedule (start_fraction/end_fraction of that whole run): the same total "
                           "training as pre-training plus one-shot fine-tuning. The dense model is still pre-trained (or "
                           "loaded) as the reference; oneshot then trains the uniformly narrowed model from scratch. Results are named "
@@ -180,9 +183,9 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
     epochs, learning_rate, optimizers = args.finetune_epochs, args.finetune_lr, (None, None)
     if args.prune_while_pretraining:  # a fresh model trained with the pre-training recipe for as long as pre-training + fine-tuning
         model = type(dense)(copy.deepcopy(dense.config)).to(device)
-        epochs, learning_rate = args.pretrain_epochs + args.finetune_epochs, 1e-3
+        epochs, learning_rate = args.pretrain_epochs + args.finetune_epochs, PLAN_LEARNING_RATE
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-        optimizers = (optimizer, inverse_time_decay(optimizer, 1e-4))
+        optimizers = (optimizer, inverse_time_decay(optimizer, PLAN_LR_DECAY))
     else:
         model = copy.deepcopy(dense).to(device)
     callback = RLPruneCallback(prune_config(args, method, budget, seed), reward_dataset=IndexDataset(len(tensors["reward"]["labels"])),

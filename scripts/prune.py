@@ -29,6 +29,8 @@ from hf_rlprune.pruning import compare_latency, export_onnx
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
+    PLAN_LEARNING_RATE,
+    PLAN_LR_DECAY,
     accuracy_metric,
     build_model,
     evaluate_accuracy,
@@ -52,8 +54,8 @@ class ScriptArguments:
     )
     model_preset: str = field(default="reference", metadata={"help": f"CNN architecture when pre-training: {sorted(CNN_PRESETS)}."})
     pretrain_epochs: float = field(default=50, metadata={"help": "Pre-training epochs when no checkpoint is given (the plan: 50)."})
-    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Pre-training Adam learning rate (the plan: 1e-3)."})
-    pretrain_lr_decay: float = field(default=1e-4, metadata={"help": "Keras-style lr decay: lr / (1 + decay * step) (the plan: 1e-4)."})
+    pretrain_learning_rate: float = field(default=PLAN_LEARNING_RATE, metadata={"help": "Pre-training Adam learning rate (the plan: 1e-3)."})
+    pretrain_lr_decay: float = field(default=PLAN_LR_DECAY, metadata={"help": "Keras-style lr decay: lr / (1 + decay * step) (the plan: 1e-4)."})
     pretrain_batch_size: int = field(default=128, metadata={"help": "Pre-training batch size (the plan: 128)."})
     reward_size: float = field(default=0.1, metadata={"help": "Fraction (or count, if > 1) of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
