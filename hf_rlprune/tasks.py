@@ -142,6 +142,12 @@ def inverse_time_decay(optimizer, decay: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + decay * step))
 
 
+def plan_optimizer(model, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY):
+    """The plan's pre-training optimizer and schedule: Adam, lr / (1 + decay * step)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    return optimizer, inverse_time_decay(optimizer, lr_decay)
+
+
 def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY,
              batch_size=128, seed=0, use_cpu=False, bf16=False, max_steps=-1):
     """Train the dense model with the plan's recipe (Adam lr 1e-3, lr decay 1e-4, batch 128) and save it."""
@@ -162,9 +168,8 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
         dataloader_drop_last=True,
         disable_tqdm=True,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     trainer = Trainer(model=model, args=args, train_dataset=task_data.train, data_collator=task_data.train_collator,
-                      optimizers=(optimizer, inverse_time_decay(optimizer, lr_decay)))
+                      optimizers=plan_optimizer(model, learning_rate, lr_decay))
     trainer.train()
     trainer.save_model(output_dir)  # main process only under DDP; the processing class goes beside the weights
     if trainer.is_world_process_zero():
@@ -254,8 +259,7 @@ def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=PLAN_LEARN
     once `patience` epochs bring no improvement (how many epochs help, read off the reward split)."""
     device = tensors["labels"].device
     collator = DeviceBatchCollator(tensors, train=True, seed=seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    scheduler = inverse_time_decay(optimizer, lr_decay)
+    optimizer, scheduler = plan_optimizer(model, learning_rate, lr_decay)
     generator = torch.Generator(device=device).manual_seed(seed)
     total = tensors["labels"].shape[0]
     if total < batch_size:

@@ -36,12 +36,11 @@ from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_tra
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
     PLAN_LEARNING_RATE,
-    PLAN_LR_DECAY,
     DeviceBatchCollator,
     IndexDataset,
     build_model,
-    inverse_time_decay,
     load_model,
+    plan_optimizer,
     prepare_task,
     task_tensors,
     tensor_accuracy,
@@ -184,8 +183,7 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
     if args.prune_while_pretraining:  # a fresh model trained with the pre-training recipe for as long as pre-training + fine-tuning
         model = type(dense)(copy.deepcopy(dense.config)).to(device)
         epochs, learning_rate = args.pretrain_epochs + args.finetune_epochs, PLAN_LEARNING_RATE
-        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-        optimizers = (optimizer, inverse_time_decay(optimizer, PLAN_LR_DECAY))
+        optimizers = plan_optimizer(model)
     else:
         model = copy.deepcopy(dense).to(device)
     callback = RLPruneCallback(prune_config(args, method, budget, seed), reward_dataset=IndexDataset(len(tensors["reward"]["labels"])),

@@ -279,8 +279,8 @@ def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts,
 def test_a_cards_command_runs_on_its_own(scripts):
     # machine paths replaced; a loaded dense model becomes one pre-trained (and saved) by the command itself
     benchmark, _ = scripts
-    command = ("python scripts/benchmark.py --task cifar10 --dataset_dir /tmp/data/cifar10 --dense_model_path /tmp/dense "
-               "--budgets 0.5 --output_dir /tmp/out --cards_dir /tmp/c1 --seeds 2")
+    command = ("python scripts/benchmark.py --task cifar10 --dataset_dir /mnt/data/cifar10 --dense_model_path /mnt/dense "
+               "--budgets 0.5 --output_dir /mnt/out --cards_dir /mnt/cards --seeds 2")
     assert benchmark.portable_command(command, "cifar10") == (
         "python scripts/benchmark.py --task cifar10 --dataset_dir ../shared/data/cifar10 --save_dense_to outputs/dense-cifar10 "
         "--budgets 0.5 --seeds 2")
