@@ -78,8 +78,9 @@ def prepare_task(task: str, dataset=None, reward_size=0.1, seed=0, smoke=False, 
 
 
 def build_model(task: str, preset: str = "reference", task_data: TaskData | None = None, max_length: int = 256,
-                lstm_pooling: str = "last"):
-    """A freshly initialized reference model for `task` (`lstm_pooling`: what the IMDB LSTM's dense layers read)."""
+                lstm_pooling: str = "last", lstm_dropout: float = 0.0, lstm_embedding_dropout: float = 0.0):
+    """A freshly initialized reference model for `task`. For the IMDB LSTM: `lstm_pooling` is what its dense layers
+    read, `lstm_dropout` the dropout on that and on each dense layer, `lstm_embedding_dropout` that on the embeddings."""
     if task == "cifar10":
         if preset not in CNN_PRESETS:
             raise ValueError(f"Unknown CNN preset {preset!r}; choose one of {sorted(CNN_PRESETS)}.")
@@ -88,7 +89,8 @@ def build_model(task: str, preset: str = "reference", task_data: TaskData | None
     vocab_size = len(tokenizer) if tokenizer is not None else 20000
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     return RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=vocab_size, max_seq_length=max_length, pad_token_id=pad_id,
-                                                                  pooling=lstm_pooling))
+                                                                  pooling=lstm_pooling, dropout=lstm_dropout,
+                                                                  embedding_dropout=lstm_embedding_dropout))
 
 
 def load_model(task: str, model_name_or_path: str, **kwargs):

@@ -102,6 +102,8 @@ class BenchmarkArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
     max_length: int = field(default=256, metadata={"help": "IMDB: tokens per review."})
     lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
+    lstm_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on what its dense layers read and after each of them."})
+    lstm_embedding_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on the word embeddings."})
     latency_table_path: str | None = field(
         default=None,
         metadata={"help": "ppo_latency: a latency table measured on the deployment machine (bench_latency.py --save_tables) instead "
@@ -438,7 +440,8 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
         dense = load_model(args.task, args.dense_model_path).to(device)
         history = []
     else:
-        dense = build_model(args.task, args.model_preset, data, max_length=args.max_length, lstm_pooling=args.lstm_pooling).to(device)
+        dense = build_model(args.task, args.model_preset, data, max_length=args.max_length, lstm_pooling=args.lstm_pooling,
+                            lstm_dropout=args.lstm_dropout, lstm_embedding_dropout=args.lstm_embedding_dropout).to(device)
         patience = args.pretrain_patience if args.pretrain_patience is not None else (2 if args.task == "imdb" else None)
         history = train_on_tensors(dense, tensors["train"], args.pretrain_epochs, batch_size=args.batch_size, seed=0,
                                    autocast_dtype=autocast, eval_tensors=tensors["reward"], patience=patience, log=logger.info)

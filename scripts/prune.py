@@ -62,6 +62,8 @@ class ScriptArguments:
     vocab_size: int = field(default=20000, metadata={"help": "IMDB: word vocabulary size of the trained tokenizer."})
     max_length: int = field(default=256, metadata={"help": "IMDB: tokens kept per review."})
     lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
+    lstm_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on what its dense layers read and after each of them."})
+    lstm_embedding_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on the word embeddings."})
     export_onnx: bool = field(default=False, metadata={"help": "Also write model.onnx of the pruned model."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure CPU latency (torch and ONNX Runtime) for the report."})
     smoke: bool = field(default=False, metadata={"help": "Whole pipeline in about a minute on CPU with small synthetic data."})
@@ -171,7 +173,8 @@ def main(argv=None):
                              seed=training.seed, smoke=script.smoke, max_train_samples=script.max_train_samples,
                              vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer)
     if model is None:
-        model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling)
+        model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling,
+                            lstm_dropout=script.lstm_dropout, lstm_embedding_dropout=script.lstm_embedding_dropout)
         check_budget(model, prune, training)
         logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
         pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,

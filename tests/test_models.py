@@ -82,6 +82,8 @@ def test_cnn_config_errors_name_the_field(kwargs, field):
         (dict(num_labels=3), "num_labels"),
         (dict(vocab_size=10, pad_token_id=10), "pad_token_id"),
         (dict(pooling="max"), "pooling = 'max' is unknown"),
+        (dict(embedding_dropout=1.0), "embedding_dropout = 1.0"),
+        (dict(dropout=-0.1), "dropout = -0.1"),
     ],
 )
 def test_lstm_config_errors_name_the_field(kwargs, field):
@@ -100,6 +102,18 @@ def test_lstm_binary_head_is_sigmoid_shown_as_two_logits():
     assert torch.allclose(out.logits.softmax(-1)[:, 1], probability, atol=1e-6)
     assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(out.logits, labels), atol=1e-6)
     assert model.classifier.out_features == 1
+
+
+def test_lstm_embedding_dropout_acts_in_training_only():
+    model = tiny_lstm(embedding_dropout=0.5)
+    input_ids = torch.randint(1, 30, (4, 9))
+    evaluated = model(input_ids=input_ids).logits
+    assert torch.equal(model(input_ids=input_ids).logits, evaluated)  # eval: no dropout
+    model.train()
+    torch.manual_seed(1)
+    embedded = model.embedding_dropout(model.embeddings(input_ids))  # (B, T, E)
+    assert 0.3 < (embedded == 0).float().mean() < 0.7
+    assert not torch.allclose(model(input_ids=input_ids).logits, evaluated)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

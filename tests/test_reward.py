@@ -99,9 +99,10 @@ def counting_batches(num_batches, batch_size, seed, vocab_size=20, steps=12):
 
 
 def train_counting_lstm(pooling="last"):
-    """A small LSTM trained on the counting task (dropout on, so stacked passes must share its stream)."""
+    """A small LSTM trained on the counting task (both dropouts on, so stacked passes must share their stream)."""
     torch.manual_seed(0)
-    config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2, pooling=pooling)
+    config = RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[16], hidden_sizes=[8], dropout=0.2,
+                               embedding_dropout=0.2, pooling=pooling)
     model = RLPruneLSTMForSequenceClassification(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for batch in counting_batches(150, 32, seed=1):

@@ -13,6 +13,7 @@ class RLPruneLSTMConfig(PretrainedConfig):
         lstm_hidden_sizes (`list[int]`, defaults to `[128]`): hidden units of each stacked LSTM layer.
         hidden_sizes (`list[int]`, defaults to `[64]`): widths of the hidden dense layers on the last LSTM state.
         dropout (`float`, defaults to 0.0): dropout on the last LSTM state and after each hidden dense layer.
+        embedding_dropout (`float`, defaults to 0.0): dropout on the word embeddings, the first LSTM's inputs.
         max_seq_length (`int`, defaults to 256): the longest input the tokenizer produces; cost figures use it.
         pad_token_id (`int`, defaults to 0): id of the padding token (the embedding keeps it at zero).
         pooling (`str`, defaults to `"last"`): what the dense layers read: the last LSTM's state after the last real
@@ -32,6 +33,7 @@ class RLPruneLSTMConfig(PretrainedConfig):
         lstm_hidden_sizes=None,
         hidden_sizes=None,
         dropout=0.0,
+        embedding_dropout=0.0,
         max_seq_length=256,
         pad_token_id=0,
         pooling="last",
@@ -45,6 +47,7 @@ class RLPruneLSTMConfig(PretrainedConfig):
         self.lstm_hidden_sizes = list(lstm_hidden_sizes) if lstm_hidden_sizes is not None else [128]
         self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [64]
         self.dropout = dropout
+        self.embedding_dropout = embedding_dropout
         self.max_seq_length = max_seq_length
         self.pooling = pooling
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -62,8 +65,9 @@ class RLPruneLSTMConfig(PretrainedConfig):
                 raise ValueError(f"{name} = {getattr(self, name)!r} must be an integer >= 1.")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id = {self.pad_token_id} must be a token id in [0, vocab_size={self.vocab_size}).")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout = {self.dropout} must be in [0, 1).")
+        for name in ("dropout", "embedding_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1).")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling = {self.pooling!r} is unknown; choose one of {POOLINGS}.")
         if self.num_labels != 2:

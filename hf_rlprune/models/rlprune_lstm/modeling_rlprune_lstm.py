@@ -74,6 +74,7 @@ class RLPruneLSTMForSequenceClassification(RLPruneLSTMPreTrainedModel):
         dense_inputs = [config.lstm_hidden_sizes[-1]] + config.hidden_sizes[:-1]
         self.hidden_layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dense_inputs, config.hidden_sizes))
         self.dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         last_width = config.hidden_sizes[-1] if config.hidden_sizes else config.lstm_hidden_sizes[-1]
         self.classifier = nn.Linear(last_width, 1)
         self.post_init()
@@ -97,7 +98,7 @@ class RLPruneLSTMForSequenceClassification(RLPruneLSTMPreTrainedModel):
             if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
                 raise ValueError("attention_mask has padding before real tokens; pad on the right (tokenizer.padding_side='right').")
 
-        hidden_states = self.embeddings(input_ids)  # (B, T, E)
+        hidden_states = self.embedding_dropout(self.embeddings(input_ids))  # (B, T, E)
         all_hidden_states = () if output_hidden_states else None
         for lstm in self.lstm_layers:
             hidden_states = run_lstm(lstm, hidden_states)  # (B, T, H_i)
