@@ -92,6 +92,10 @@ class BenchmarkArguments:
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds per (budget, method)."})
     num_rounds: int = field(default=4, metadata={"help": "Pruning rounds of the gradual schedule."})
+    width_multiple: int | None = field(
+        default=None,
+        metadata={"help": "RLPruneConfig.width_multiple for every method: snap kept widths to a multiple of this (unset: its "
+                          "default, 8 for latency budgets and 1 for MACs budgets)."})
     start_fraction: float = field(default=0.0, metadata={"help": "Fraction of fine-tuning before the first round."})
     end_fraction: float = field(default=0.3, metadata={"help": "Fraction of fine-tuning at the last round; the rest recovers."})
     search_episodes: int = field(default=32, metadata={"help": "Reward evaluations per round (PPO and random search)."})
@@ -141,6 +145,8 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
                   refit=args.refit_ridge is not None, refit_ridge=0.01 if args.refit_ridge is None else args.refit_ridge, refit_applied=args.refit_applied,
                   num_rounds=args.num_rounds, start_fraction=args.start_fraction, end_fraction=args.end_fraction,
                   save_on_train_end=False, show_progress=False)
+    if args.width_multiple is not None:
+        common["width_multiple"] = args.width_multiple
     if method == "oneshot":  # one uniform cut at the first step, then plain fine-tuning
         return RLPruneConfig(**{**common, "method": "uniform", "num_rounds": 1, "start_fraction": 0.0, "end_fraction": 0.0})
     if method == "random_oneshot":  # one random allocation (the seed's), cut at the first step: best of N seeds = head-room

@@ -208,6 +208,15 @@ def test_benchmark_refuses_refit_applied_without_a_refit(monkeypatch):
         benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
 
 
+def test_width_multiple_reaches_every_method(scripts):
+    benchmark, _ = scripts
+    default = benchmark.BenchmarkArguments()
+    assert benchmark.prune_config(default, "ppo", 0.25, 0).width_multiple == 1  # RLPruneConfig's default for MACs budgets
+    snapped = benchmark.BenchmarkArguments(width_multiple=8)
+    for method in ("ppo", "random", "uniform", "oneshot", "random_oneshot"):
+        assert benchmark.prune_config(snapped, method, 0.25, 0).width_multiple == 8, method
+
+
 def test_random_oneshot_under_a_latency_budget(scripts, tmp_path):
     # the head-room probe of ppo_latency: one random allocation per seed, under the same latency budget, cut once
     benchmark, _ = scripts
