@@ -2,12 +2,14 @@
 reference models, pre-training with the plan's recipe, and test accuracy.
 """
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from .data import (
     CachedImageDataset,
@@ -33,6 +35,8 @@ CNN_PRESETS = {
 }
 MODEL_TYPES = {"cifar10": RLPruneCNNConfig.model_type, "imdb": RLPruneLSTMConfig.model_type}
 PLAN_LEARNING_RATE, PLAN_LR_DECAY = 1e-3, 1e-4  # the plan's pre-training recipe: Adam lr 1e-3, Keras-style decay 1e-4
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,9 +154,43 @@ def plan_optimizer(model, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DEC
     return optimizer, inverse_time_decay(optimizer, lr_decay)
 
 
+class KeepBestEpoch(TrainerCallback):
+    """Early stopping on held-out accuracy: `evaluate(model)` after each epoch, the best epoch's weights kept in memory
+    and restored when training ends, training stopped after `patience` epochs without a gain (None: never).
+
+    transformers' EarlyStoppingCallback would evaluate through the Trainer's data collator, which augments CIFAR-10
+    batches, and would need a checkpoint on disk per epoch to load the best one back."""
+
+    def __init__(self, evaluate: Callable[[torch.nn.Module], float], patience: int | None = None):
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience = {patience} must be >= 1 (or None: keep the best epoch, never stop early).")
+        self.evaluate, self.patience = evaluate, patience
+        self.best_accuracy, self.best_state, self.stale, self.accuracies = -1.0, None, 0, []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        was_training = model.training
+        accuracy = self.evaluate(model.eval())
+        model.train(was_training)
+        self.accuracies.append(accuracy)
+        logger.info("epoch %d: held-out accuracy %.4f", len(self.accuracies), accuracy)
+        if accuracy > self.best_accuracy:  # ties keep the earlier epoch
+            self.best_accuracy, self.stale = accuracy, 0
+            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        else:
+            self.stale += 1
+            if self.patience is not None and self.stale >= self.patience:
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
 def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY,
-             batch_size=128, seed=0, use_cpu=False, bf16=False, max_steps=-1):
-    """Train the dense model with the plan's recipe (Adam lr 1e-3, lr decay 1e-4, batch 128) and save it."""
+             batch_size=128, seed=0, use_cpu=False, bf16=False, max_steps=-1, patience: int | None = None):
+    """Train the dense model with the plan's recipe (Adam lr 1e-3, lr decay 1e-4, batch 128) and save it. With
+    `patience`, keep the epoch with the best reward-split accuracy and stop after `patience` epochs without a gain
+    (IMDB: as many epochs as the reward split says help)."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -170,8 +208,11 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
         dataloader_drop_last=True,
         disable_tqdm=True,
     )
+    callbacks = []
+    if patience is not None:
+        callbacks.append(KeepBestEpoch(lambda m: evaluate_accuracy(m, task_data.reward, task_data.eval_collator), patience))
     trainer = Trainer(model=model, args=args, train_dataset=task_data.train, data_collator=task_data.train_collator,
-                      optimizers=plan_optimizer(model, learning_rate, lr_decay))
+                      optimizers=plan_optimizer(model, learning_rate, lr_decay), callbacks=callbacks)
     trainer.train()
     trainer.save_model(output_dir)  # main process only under DDP; the processing class goes beside the weights
     if trainer.is_world_process_zero():

@@ -103,6 +103,7 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
         (["--smoke", "--target", "0.001", "--min_keep", "0.5"], ValueError, "cannot be met"),
         (["--smoke", "--target", "1.5"], ValueError, "target"),
         (["--smoke", "--distill_alpha", "1.5"], ValueError, "--distill_alpha 1.5 must be in"),
+        (["--smoke", "--pretrain_patience", "0"], ValueError, "--pretrain_patience 0 must be >= 1"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):

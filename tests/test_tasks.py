@@ -1,0 +1,50 @@
+import logging
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from hf_rlprune.tasks import KeepBestEpoch, build_model, evaluate_accuracy, prepare_task, pretrain
+
+
+def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    keeper = KeepBestEpoch(lambda m: next(scripted), patience=2)
+    args, state = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState()
+    stopped_after = None
+    for epoch in range(1, 6):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # "training" leaves a trace of the epoch in the weights
+        control = TrainerControl()
+        keeper.on_epoch_end(args, state, control, model=model)
+        if control.should_training_stop:
+            stopped_after = epoch
+            break
+    assert stopped_after == 4  # epochs 3 and 4 brought no gain over epoch 2
+    assert keeper.accuracies == [0.5, 0.7, 0.6, 0.65]
+    keeper.on_train_end(args, state, TrainerControl(), model=model)
+    assert torch.all(model.weight == 2) and keeper.best_accuracy == 0.7
+    assert model.training  # evaluation switched to eval mode and back
+
+
+def test_keep_best_epoch_rejects_a_patience_below_one():
+    with pytest.raises(ValueError, match="patience = 0 must be >= 1"):
+        KeepBestEpoch(lambda m: 0.0, patience=0)
+
+
+def test_pretraining_with_patience_keeps_the_best_epoch_on_the_reward_split(tmp_path, caplog):
+    torch.manual_seed(0)
+    data = prepare_task("imdb", smoke=True, vocab_size=500, max_length=32)
+    model = build_model("imdb", task_data=data, max_length=32)
+    with caplog.at_level(logging.INFO, logger="hf_rlprune.tasks"):  # lr 0.1: unstable on purpose, so a later epoch is worse
+        pretrain(model, data, str(tmp_path / "dense"), epochs=6, batch_size=64, use_cpu=True, patience=2, learning_rate=0.1)
+    logged = [float(x) for x in re.findall(r"held-out accuracy (\d\.\d+)", caplog.text)]
+    assert len(logged) < 6 and max(logged[-2:]) <= max(logged[:-2])  # stopped after 2 epochs without a gain
+    assert logged[-1] < max(logged)  # so the best epoch's weights had to be restored
+    assert evaluate_accuracy(model, data.reward, data.eval_collator) == pytest.approx(max(logged), abs=1e-4)
+    saved = load_file(tmp_path / "dense" / "model.safetensors")  # the restored weights are what is saved
+    state = model.state_dict()
+    assert saved and all(torch.equal(value, state[name]) for name, value in saved.items())
