@@ -36,6 +36,7 @@ from hf_rlprune.tasks import (
     evaluate_accuracy,
     load_model,
     load_tokenizer_if_any,
+    plan_optimizer,
     prepare_task,
     pretrain,
 )
@@ -69,6 +70,13 @@ class ScriptArguments:
     lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
     lstm_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on what its dense layers read and after each of them."})
     lstm_embedding_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on the word embeddings."})
+    prune_while_pretraining: bool = field(
+        default=False,
+        metadata={"help": "Train a freshly initialized model from scratch and prune it while it trains, instead of pre-training "
+                          "first: the Trainer runs num_train_epochs with the plan's optimizer (Adam at pretrain_learning_rate, "
+                          "decay pretrain_lr_decay; TrainingArguments' learning_rate and schedule are not used) and the callback "
+                          "prunes on its schedule (default: 4 rounds between 10 and 50 percent of training). There is no dense "
+                          "model to report. See the README's Schedules section."})
     export_onnx: bool = field(default=False, metadata={"help": "Also write model.onnx of the pruned model."})
     measure_latency: bool = field(default=True, metadata={"help": "Measure CPU latency (torch and ONNX Runtime) for the report."})
     smoke: bool = field(default=False, metadata={"help": "Whole pipeline in about a minute on CPU with small synthetic data."})
@@ -117,6 +125,9 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
         raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
     if script.model_preset not in CNN_PRESETS:
         raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
+    if script.prune_while_pretraining and (script.model_name_or_path or script.distill_alpha > 0):
+        raise ValueError("--prune_while_pretraining trains a fresh model from scratch: drop --model_name_or_path (prune a trained "
+                         "model while fine-tuning it instead) and --distill_alpha (there is no trained dense model to distill from).")
     if script.pretrain_patience is not None and script.pretrain_patience < 1:
         raise ValueError(f"--pretrain_patience {script.pretrain_patience} must be >= 1 (omit it for the task's default).")
     if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
@@ -183,16 +194,24 @@ def main(argv=None):
         model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling,
                             lstm_dropout=script.lstm_dropout, lstm_embedding_dropout=script.lstm_embedding_dropout)
         check_budget(model, prune, training)
-        logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
-        patience = script.pretrain_patience if script.pretrain_patience is not None else (2 if script.task == "imdb" else None)
-        pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
-                 learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
-                 batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16,
-                 patience=patience)
+        if not script.prune_while_pretraining:
+            logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
+            patience = script.pretrain_patience if script.pretrain_patience is not None else (2 if script.task == "imdb" else None)
+            pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
+                     learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
+                     batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16,
+                     patience=patience)
 
     device = training.device
-    dense_test_accuracy = evaluate_accuracy(model.to(device), task_data.test, task_data.eval_collator)
-    logger.info("Dense test accuracy: %.4f", dense_test_accuracy)
+    model.to(device)  # before the optimizer below is built on its parameters
+    optimizers = (None, None)
+    if script.prune_while_pretraining:
+        dense_test_accuracy = None  # nothing was trained dense
+        optimizers = plan_optimizer(model, script.pretrain_learning_rate, script.pretrain_lr_decay)
+        logger.info("Training from scratch for %s epochs, pruning as it trains", training.num_train_epochs)
+    else:
+        dense_test_accuracy = evaluate_accuracy(model, task_data.test, task_data.eval_collator)
+        logger.info("Dense test accuracy: %.4f", dense_test_accuracy)
 
     prune.save_on_train_end = False  # saved below, once the test accuracy is known
     callback = RLPruneCallback(prune, reward_dataset=task_data.reward, data_collator=task_data.eval_collator)
@@ -208,6 +227,7 @@ def main(argv=None):
         processing_class=task_data.processing_class,
         compute_metrics=accuracy_metric,
         callbacks=[callback],
+        optimizers=optimizers,
         **distillation,
     )
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
@@ -225,8 +245,8 @@ def main(argv=None):
         report["command"] = reproduce_command(sys.argv[1:] if argv is None else argv)
         if script.measure_latency:
             report["latency_ms"] = latency_figures(callback.dense_config, pruned)
-        logger.info("Pruned test accuracy: %.4f (dense %.4f); MACs %d -> %d", report["accuracy"]["pruned"], dense_test_accuracy,
-                    report["macs"]["dense"], report["macs"]["pruned"])
+        logger.info("Pruned test accuracy: %.4f (dense %s); MACs %d -> %d", report["accuracy"]["pruned"],
+                    "not trained" if dense_test_accuracy is None else f"{dense_test_accuracy:.4f}", report["macs"]["dense"], report["macs"]["pruned"])
         save_dir = os.path.join(training.output_dir, "pruned")
         save_pruned_model(pruned, save_dir, report, processing_class=task_data.processing_class, repo_id=hub_model_id,
                           reproduce_command=report["command"], dataset_name=script.task)

@@ -78,6 +78,7 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
         assert (saved / name).exists(), name
     card = (saved / "README.md").read_text()
     assert "{{" not in card and "model-index" in card and "conv_blocks.1" in card
+    assert "of the dense model's\nMACs**" in card  # the unit as written everywhere else, not "MACS"
     report = json.loads((saved / "pruning_report.json").read_text())
     assert report["macs"]["pruned"] == compute_macs(model.config)
     assert report["search"]["reward_evaluations"] == 8

@@ -95,6 +95,20 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
         assert np.allclose(onnx_logits, model(pixels).logits.numpy(), atol=1e-4)
 
 
+def test_smoke_run_pruning_while_training_from_scratch(tmp_path):
+    prune = load_prune_script()
+    report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--measure_latency", "false",
+                         "--prune_while_pretraining", "--target", "0.3"])
+    assert not (tmp_path / "dense").exists()  # nothing was pre-trained
+    assert report["accuracy"]["dense"] is None and report["accuracy"]["pruned"] > 0.0
+    assert report["macs"]["pruned"] <= 0.3 * report["macs"]["dense"]
+    assert [r["step"] for r in report["rounds"]] == sorted({r["step"] for r in report["rounds"]})  # rounds spread over training
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "pruned")
+    assert model.config.conv_channels == [layer["width"] for layer in report["layers"][:2]]
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "{{" not in card and "Accuracy (dense" not in card
+
+
 @pytest.mark.parametrize(
     "argv, error, message",
     [
@@ -104,6 +118,7 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
         (["--smoke", "--target", "1.5"], ValueError, "target"),
         (["--smoke", "--distill_alpha", "1.5"], ValueError, "--distill_alpha 1.5 must be in"),
         (["--smoke", "--pretrain_patience", "0"], ValueError, "--pretrain_patience 0 must be >= 1"),
+        (["--smoke", "--prune_while_pretraining", "--model_name_or_path", "x"], ValueError, "drop --model_name_or_path"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
