@@ -157,6 +157,7 @@ def plan_optimizer(model, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DEC
 class KeepBestEpoch(TrainerCallback):
     """Early stopping on held-out accuracy: `evaluate(model)` after each epoch, the best epoch's weights kept in memory
     and restored when training ends, training stopped after `patience` epochs without a gain (None: never).
+    `record` is the bookkeeping alone, for loops outside the Trainer.
 
     transformers' EarlyStoppingCallback would evaluate through the Trainer's data collator, which augments CIFAR-10
     batches, and would need a checkpoint on disk per epoch to load the best one back."""
@@ -165,25 +166,36 @@ class KeepBestEpoch(TrainerCallback):
         if patience is not None and patience < 1:
             raise ValueError(f"patience = {patience} must be >= 1 (or None: keep the best epoch, never stop early).")
         self.evaluate, self.patience = evaluate, patience
-        self.best_accuracy, self.best_state, self.stale, self.accuracies = -1.0, None, 0, []
+        self.best_accuracy, self.best_state, self.best_epoch, self.stale = -1.0, None, None, 0
+        self.epochs, self.accuracies = [], []
+
+    def record(self, model, accuracy: float, epoch: float) -> bool:
+        """Note one epoch's held-out accuracy (copying the weights if it is the best yet); True once `patience`
+        epochs in a row brought no gain."""
+        self.epochs.append(epoch)
+        self.accuracies.append(accuracy)
+        if accuracy > self.best_accuracy:  # ties keep the earlier epoch
+            self.best_accuracy, self.best_epoch, self.stale = accuracy, epoch, 0
+            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            return False
+        self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+    def restore(self, model) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         was_training = model.training
         accuracy = self.evaluate(model.eval())
         model.train(was_training)
-        self.accuracies.append(accuracy)
-        logger.info("epoch %d: held-out accuracy %.4f", len(self.accuracies), accuracy)
-        if accuracy > self.best_accuracy:  # ties keep the earlier epoch
-            self.best_accuracy, self.stale = accuracy, 0
-            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        else:
-            self.stale += 1
-            if self.patience is not None and self.stale >= self.patience:
-                control.should_training_stop = True
+        epoch = round(state.epoch, 3)  # a last partial epoch stays apart
+        logger.info("epoch %g: held-out accuracy %.4f", epoch, accuracy)
+        if self.record(model, accuracy, epoch):
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+        self.restore(model)
 
 
 def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY,
@@ -307,7 +319,9 @@ def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=PLAN_LEARN
     total = tensors["labels"].shape[0]
     if total < batch_size:
         raise ValueError(f"{total} training rows are fewer than batch_size={batch_size}; lower the batch size.")
-    best_accuracy, best_state, stale, history = -1.0, None, 0, []
+    keeper = None
+    if eval_tensors is not None:
+        keeper = KeepBestEpoch(lambda m: tensor_accuracy(m, eval_tensors, autocast_dtype=autocast_dtype), patience)
     model.train()
     for epoch in range(int(epochs)):
         order = torch.randperm(total, generator=generator, device=device)
@@ -319,17 +333,13 @@ def train_on_tensors(model, tensors: dict, epochs: int, learning_rate=PLAN_LEARN
             loss.backward()
             optimizer.step()
             scheduler.step()
-        if eval_tensors is not None:
-            accuracy = tensor_accuracy(model, eval_tensors, autocast_dtype=autocast_dtype)
-            history.append(accuracy)
+        if keeper is not None:
+            accuracy = keeper.evaluate(model)
             log(f"epoch {epoch + 1}: loss {float(loss.detach()):.4f} held-out accuracy {accuracy:.4f}")
-            if accuracy > best_accuracy:
-                best_accuracy, stale = accuracy, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-                if patience is not None and stale >= patience:
-                    break
-    if best_state is not None and patience is not None:
-        model.load_state_dict(best_state)
-    return history
+            if keeper.record(model, accuracy, epoch + 1):
+                break
+    if keeper is None:
+        return []
+    if patience is not None:
+        keeper.restore(model)
+    return keeper.accuracies

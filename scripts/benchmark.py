@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
@@ -38,6 +38,7 @@ from hf_rlprune.tasks import (
     PLAN_LEARNING_RATE,
     DeviceBatchCollator,
     IndexDataset,
+    KeepBestEpoch,
     build_model,
     load_model,
     plan_optimizer,
@@ -162,27 +163,18 @@ def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int
     return RLPruneConfig(**{**common, "method": method})
 
 
-class BestEpochOnRewardSplit(TrainerCallback):
+class BestEpochOnRewardSplit(KeepBestEpoch):
     """Keeps the model of the epoch with the best reward-split accuracy, among epochs that end after the last pruning
     round (earlier epochs hold a wider model), and restores it at the end of training. Listed before RLPruneCallback,
     so the restored weights are what it compacts and reports."""
 
     def __init__(self, rlprune: RLPruneCallback, reward_tensors: dict, autocast_dtype):
-        self.rlprune, self.reward_tensors, self.autocast_dtype = rlprune, reward_tensors, autocast_dtype
-        self.best_accuracy, self.best_state, self.best_epoch, self.accuracies = -1.0, None, None, []
+        super().__init__(lambda model: tensor_accuracy(model, reward_tensors, autocast_dtype=autocast_dtype))
+        self.rlprune = rlprune
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.rlprune.rounds_done < self.rlprune.config.num_rounds:
-            return
-        accuracy = tensor_accuracy(model, self.reward_tensors, autocast_dtype=self.autocast_dtype)
-        self.accuracies.append([round(state.epoch, 3), accuracy])
-        if accuracy > self.best_accuracy:  # ties keep the earlier epoch
-            self.best_accuracy, self.best_epoch = accuracy, round(state.epoch, 3)  # a last partial epoch stays apart
-            self.best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+        if self.rlprune.rounds_done >= self.rlprune.config.num_rounds:
+            super().on_epoch_end(args, state, control, model=model, **kwargs)
 
 
 def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, measure_latency_now) -> dict:
@@ -222,7 +214,8 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
     update_trade_off(report)
     report["search"]["total_seconds"] = total_seconds
     if best_epoch is not None:  # which epoch was kept, and the reward-split accuracy of each candidate epoch
-        report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch, "reward_split_by_epoch": best_epoch.accuracies}  # [epoch, accuracy]
+        report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch,  # [epoch, accuracy] pairs:
+                                 "reward_split_by_epoch": [list(pair) for pair in zip(best_epoch.epochs, best_epoch.accuracies)]}
     report["latency_ms"] = latency_figures(dense, pruned, device) if measure_latency_now else {}
     final_reward = callback.history[-1]["reward"] if callback.history else None
     logger.info("%s budget %.2f seed %d: test %.4f (dense %.4f), MACs %.3f, %d evaluations, search %.1fs, total %.1fs",

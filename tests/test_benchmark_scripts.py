@@ -166,7 +166,7 @@ def test_best_epoch_callback_restores_the_best_epoch_after_the_last_round(script
     with torch.no_grad():
         model.classifier.weight.mul_(-1.0)  # a worse epoch
     keeper.on_epoch_end(None, SimpleNamespace(epoch=3.0), None, model=model)
-    assert keeper.accuracies[0] == [2.0, 1.0] and keeper.accuracies[1][1] < 1.0 and keeper.best_epoch == 2
+    assert keeper.epochs == [2.0, 3.0] and keeper.accuracies[0] == 1.0 and keeper.accuracies[1] < 1.0 and keeper.best_epoch == 2
     keeper.on_train_end(None, None, None, model=model)
     assert all(torch.equal(value, first[name]) for name, value in model.state_dict().items())
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_rlprune.tasks import KeepBestEpoch, build_model, evaluate_accuracy, prepare_task, pretrain
+from hf_rlprune.tasks import KeepBestEpoch, build_model, evaluate_accuracy, prepare_task, pretrain, task_tensors, tensor_accuracy, train_on_tensors
 
 
 def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_path):
@@ -18,13 +18,13 @@ def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_
     for epoch in range(1, 6):
         with torch.no_grad():
             model.weight.fill_(epoch)  # "training" leaves a trace of the epoch in the weights
-        control = TrainerControl()
+        control, state.epoch = TrainerControl(), float(epoch)
         keeper.on_epoch_end(args, state, control, model=model)
         if control.should_training_stop:
             stopped_after = epoch
             break
     assert stopped_after == 4  # epochs 3 and 4 brought no gain over epoch 2
-    assert keeper.accuracies == [0.5, 0.7, 0.6, 0.65]
+    assert keeper.accuracies == [0.5, 0.7, 0.6, 0.65] and keeper.epochs == [1.0, 2.0, 3.0, 4.0] and keeper.best_epoch == 2.0
     keeper.on_train_end(args, state, TrainerControl(), model=model)
     assert torch.all(model.weight == 2) and keeper.best_accuracy == 0.7
     assert model.training  # evaluation switched to eval mode and back
@@ -48,3 +48,15 @@ def test_pretraining_with_patience_keeps_the_best_epoch_on_the_reward_split(tmp_
     saved = load_file(tmp_path / "dense" / "model.safetensors")  # the restored weights are what is saved
     state = model.state_dict()
     assert saved and all(torch.equal(value, state[name]) for name, value in saved.items())
+
+
+def test_the_lean_training_loop_keeps_the_best_epoch_and_stops_after_patience():
+    torch.manual_seed(0)
+    data = prepare_task("imdb", smoke=True, vocab_size=500, max_length=32)
+    model = build_model("imdb", task_data=data, max_length=32)
+    train, reward = (task_tensors(split, torch.device("cpu")) for split in (data.train, data.reward))
+    # lr 0.1: unstable on purpose, so a later epoch is worse than an earlier one
+    history = train_on_tensors(model, train, epochs=6, learning_rate=0.1, batch_size=64, eval_tensors=reward, patience=2, log=lambda line: None)
+    assert len(history) < 6 and max(history[-2:]) <= max(history[:-2])  # stopped after 2 epochs without a gain
+    assert history[-1] < max(history)  # so the best epoch's weights had to be restored
+    assert tensor_accuracy(model, reward) == max(history)
