@@ -35,6 +35,7 @@ CNN_PRESETS = {
 }
 MODEL_TYPES = {"cifar10": RLPruneCNNConfig.model_type, "imdb": RLPruneLSTMConfig.model_type}
 PLAN_LEARNING_RATE, PLAN_LR_DECAY = 1e-3, 1e-4  # the plan's pre-training recipe: Adam lr 1e-3, Keras-style decay 1e-4
+PRETRAIN_PATIENCE = {"imdb": 2}  # epochs without a reward-split gain before pre-training stops; the LSTM overfits within a few
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_tra
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
     PLAN_LEARNING_RATE,
+    PRETRAIN_PATIENCE,
     DeviceBatchCollator,
     IndexDataset,
     KeepBestEpoch,
@@ -441,7 +442,7 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
     else:
         dense = build_model(args.task, args.model_preset, data, max_length=args.max_length, lstm_pooling=args.lstm_pooling,
                             lstm_dropout=args.lstm_dropout, lstm_embedding_dropout=args.lstm_embedding_dropout).to(device)
-        patience = args.pretrain_patience if args.pretrain_patience is not None else (2 if args.task == "imdb" else None)
+        patience = args.pretrain_patience if args.pretrain_patience is not None else PRETRAIN_PATIENCE.get(args.task)
         history = train_on_tensors(dense, tensors["train"], args.pretrain_epochs, batch_size=args.batch_size, seed=0,
                                    autocast_dtype=autocast, eval_tensors=tensors["reward"], patience=patience, log=logger.info)
         if args.save_dense_to:

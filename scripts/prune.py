@@ -31,6 +31,7 @@ from hf_rlprune.tasks import (
     MODEL_TYPES,
     PLAN_LEARNING_RATE,
     PLAN_LR_DECAY,
+    PRETRAIN_PATIENCE,
     accuracy_metric,
     build_model,
     evaluate_accuracy,
@@ -196,7 +197,7 @@ def main(argv=None):
         check_budget(model, prune, training)
         if not script.prune_while_pretraining:
             logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
-            patience = script.pretrain_patience if script.pretrain_patience is not None else (2 if script.task == "imdb" else None)
+            patience = script.pretrain_patience if script.pretrain_patience is not None else PRETRAIN_PATIENCE.get(script.task)
             pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
                      learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
                      batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16,
