@@ -195,6 +195,7 @@ class RLPruneCallback(TrainerCallback):
             autocast_dtype=autocast,
             candidates_per_pass=cfg.candidates_per_pass,
             refit_ridge=cfg.effective_refit_ridge,
+            bn_recalibration_batches=cfg.bn_recalibration_batches,
         )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
@@ -264,7 +265,7 @@ class RLPruneCallback(TrainerCallback):
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batches(self, round_index: int) -> list[dict]:
         refit = self._evaluator.refit_batches if self.config.refit else 0  # the refit's calibration batches
-        count = max(self.config.recovery_steps, refit)
+        count = max(self.config.recovery_steps, refit, self.config.bn_recalibration_batches)
         if not count:
             return []
         generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)
@@ -311,7 +312,7 @@ class RLPruneCallback(TrainerCallback):
         refit = cfg.refit and cfg.refit_applied
         return {
             "masks": {name: mask.tolist() for name, mask in masks.items()},
-            "refitted": self._evaluator.refitted_parameters(widths) if refit else {},
+            "refitted": self._evaluator.refitted_tensors(widths) if refit else {},
             "reward": result.best_reward,
             "accuracy": result.best_info["accuracy"],
             "evaluations": result.num_evaluations,
@@ -335,9 +336,10 @@ class RLPruneCallback(TrainerCallback):
         decision = _broadcast(decision)
         masks = {name: torch.tensor(mask, dtype=torch.bool) for name, mask in decision["masks"].items()}
         apply_masks(model, masks)
-        with torch.no_grad():  # the refitted consumers, as the chosen candidate started its recovery from them
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        with torch.no_grad():  # the refitted consumers (and norm statistics), as the chosen candidate started from them
             for name, value in decision["refitted"].items():
-                model.get_parameter(name).copy_(value)
+                tensors[name].copy_(value)
         enforce_masks(model, _inner_optimizer(optimizer) if optimizer is not None else None)
         self.rounds_done += 1
         self.search_seconds += time.perf_counter() - start

@@ -36,7 +36,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "seed": config.prune_seed,
         # how each candidate was scored: the reward's recipe, which the defaults no longer pin down across versions
         "reward_setup": {"refit": config.refit, "refit_ridge": config.refit_ridge if config.refit else None,
-                         "recovery_steps": config.recovery_steps},
+                         "bn_recalibration_batches": config.bn_recalibration_batches, "recovery_steps": config.recovery_steps},
         "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
         "layers": layers,
         "macs": {"dense": macs_before, "pruned": macs_after},
@@ -122,7 +122,10 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         reward_setup = ""
     else:
         refit = f"its pruned layers' consumers refitted by ridge least squares (ridge {setup['refit_ridge']}), then " if setup["refit"] else ""
-        reward_setup = f" Before its reward, each candidate had {refit}{setup['recovery_steps']} recovery steps of training."
+        norms = setup.get("bn_recalibration_batches") or 0  # absent from reports written before it was recorded
+        recalibrated = f"its batch-norm statistics recomputed on {norms} training batches, then " if norms else ""
+        reward_setup = (f" Before its reward, each candidate had {refit}{recalibrated}{setup['recovery_steps']} recovery "
+                        "steps of training.")
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),

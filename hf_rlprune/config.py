@@ -88,6 +88,12 @@ class RLPruneConfig:
                           "default: on the reference CNN it cost 0.2-1.3 points after fine-tuning (README); on IMDB it was "
                           "neutral."},
     )
+    bn_recalibration_batches: int = field(
+        default=0,
+        metadata={"help": "Recompute each candidate's batch-norm running statistics on this many training batches after "
+                          "masking and refit, before its reward (adaptive BN); 0 keeps the round's statistics. Models "
+                          "without batch norm are unaffected."},
+    )
     recovery_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the per-candidate recovery."})
     reward_batch_size: int = field(default=256, metadata={"help": "Batch size for measuring accuracy on the reward split."})
     candidates_per_pass: int = field(
@@ -161,6 +167,8 @@ class RLPruneConfig:
         check(isinstance(self.refit_ridge, (int, float)) and self.refit_ridge >= 0,
               f"refit_ridge = {self.refit_ridge} must be a number >= 0; to measure rewards without the refit, set refit = False.")
         check(not self.refit_applied or self.refit, "refit_applied = True needs refit = True: there is no refit to apply without it.")
+        check(self.bn_recalibration_batches >= 0,
+              f"bn_recalibration_batches = {self.bn_recalibration_batches} must be >= 0 (0: keep the round's statistics).")
         check(self.recovery_lr > 0, f"recovery_lr = {self.recovery_lr} must be > 0.")
         check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
         check(self.candidates_per_pass >= 1, f"candidates_per_pass = {self.candidates_per_pass} must be >= 1.")

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 from .batched_lstm import is_stackable_lstm, stackable_lstms
 from .pruning import TaylorAccumulator, apply_masks, get_masks, mask_multipliers, masks_from_widths, remove_masks
-from .pruning.refit import refit_consumers, reference_outputs
+from .pruning.refit import recalibrate_batch_norm, refit_consumers, reference_outputs
 
 
 def supports_stacked_candidates(model: nn.Module) -> bool:
@@ -88,6 +88,9 @@ class RewardEvaluator:
             to the round model's outputs on `refit_batches` recovery batches (`pruning.refit`), so recovery starts
             from the closest fit of the unpruned function rather than from plain masking; the value is the ridge
             strength relative to the mean eigenvalue of the inputs' Gram matrix. None: no refit.
+        bn_recalibration_batches: when > 0, each candidate's batch-norm running statistics are recomputed on this
+            many recovery batches after masking and refit (`pruning.refit.recalibrate_batch_norm`), before recovery;
+            0 keeps the round's statistics. Models without batch norm are unaffected (nothing runs).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class RewardEvaluator:
         stack_candidates: bool | None = None,
         refit_ridge: float | None = None,
         refit_batches: int = 4,
+        bn_recalibration_batches: int = 0,
     ):
         if not reward_batches:
             raise ValueError("The reward split is empty: give at least one batch of held-out training examples.")
@@ -112,7 +116,11 @@ class RewardEvaluator:
             raise ValueError(f"candidates_per_pass = {candidates_per_pass} must be >= 1.")
         if refit_ridge is not None and (refit_ridge < 0 or refit_batches < 1):
             raise ValueError(f"refit_ridge = {refit_ridge} must be >= 0 and refit_batches = {refit_batches} >= 1.")
+        if bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches = {bn_recalibration_batches} must be >= 0 (0: keep the round's "
+                             "batch-norm statistics).")
         self.refit_ridge, self.refit_batches = refit_ridge, int(refit_batches)
+        self.bn_recalibration_batches = int(bn_recalibration_batches)
         self.candidates_per_pass, self.stack_candidates = int(candidates_per_pass), stack_candidates
         self.reward_batches_cpu = reward_batches
         self.recovery_batches_cpu = recovery_batches or []
@@ -131,8 +139,10 @@ class RewardEvaluator:
             self.recovery_batches = [move_to_device(b, device) for b in self.recovery_batches_cpu]
         if recovery_batches is not None:
             self.recovery_batches = [move_to_device(b, device) for b in recovery_batches]
-        if (self.recovery_steps or self.refit_ridge is not None) and not self.recovery_batches:
-            needs = f"recovery_steps = {self.recovery_steps}" if self.recovery_steps else f"refit_ridge = {self.refit_ridge}"
+        if (self.recovery_steps or self.refit_ridge is not None or self.bn_recalibration_batches) and not self.recovery_batches:
+            needs = (f"recovery_steps = {self.recovery_steps}" if self.recovery_steps else
+                     f"refit_ridge = {self.refit_ridge}" if self.refit_ridge is not None else
+                     f"bn_recalibration_batches = {self.bn_recalibration_batches}")
             raise ValueError(f"{needs} needs recovery batches (training batches); pass recovery_batches.")
         self._snapshot = {key: value.detach().clone() for key, value in model.state_dict().items()}
         self._masks = get_masks(model)
@@ -166,26 +176,38 @@ class RewardEvaluator:
         model.train(was_training)
         return names
 
-    def refitted_parameters(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
-        """The parameters the refit changes for the allocation `widths` (masked as `masked_copy` masks it), on the
-        CPU: what the trained model takes when this allocation is applied, so training continues from the weights
-        the candidate's recovery started from (with no recovery steps, the weights its reward was measured on)."""
+    def refitted_tensors(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The parameters the refit changes for the allocation `widths` (masked as `masked_copy` masks it), and the
+        batch-norm statistics the recalibration recomputes when it is on, on the CPU: what the trained model takes
+        when this allocation is applied, so training continues from the weights the candidate's recovery started
+        from (with no recovery steps, the model its reward was measured on)."""
         if self.refit_ridge is None:
-            raise RuntimeError("refitted_parameters needs refit_ridge to be set.")
+            raise RuntimeError("refitted_tensors needs refit_ridge to be set.")
         scratch, names = self._masked(widths)
-        return {name: scratch.get_parameter(name).detach().cpu().clone() for name in names}
+        tensors = {name: scratch.get_parameter(name) for name in names}
+        if self.bn_recalibration_batches:
+            tensors.update({name: buffer for name, buffer in scratch.named_buffers()
+                            if isinstance(scratch.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)})
+        return {name: value.detach().cpu().clone() for name, value in tensors.items()}
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:
         """The scratch model with the round's weights, masked to `widths` (nested inside the round's masks), its
-        consumers refitted when `refit_ridge` is set."""
+        consumers refitted when `refit_ridge` is set and its batch-norm statistics recomputed when
+        `bn_recalibration_batches` is."""
         return self._masked(widths)[0]
 
-    def _masked(self, widths: dict[str, int]) -> tuple[nn.Module, list[str]]:
-        """`masked_copy`, and the names of the parameters its refit changed (none without refit)."""
+    def _masked(self, widths: dict[str, int], masks: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, list[str]]:
+        """`masked_copy` (masked with `masks` when the caller already has them for `widths`), and the names of the
+        parameters its refit changed (none without refit)."""
         scratch = self._load_round()
-        masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
+        if masks is None:
+            masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
         apply_masks(scratch, masks)
-        return scratch, self._refit(scratch, masks) if self.refit_ridge is not None else []
+        names = self._refit(scratch, masks) if self.refit_ridge is not None else []
+        if self.bn_recalibration_batches:
+            calibration = self.recovery_batches[: self.bn_recalibration_batches]
+            recalibrate_batch_norm(scratch, calibration, _autocast(scratch, self.autocast_dtype))
+        return scratch, names
 
     def __call__(self, widths: dict[str, int]) -> float:
         return self.evaluate_batch([widths])[0]
@@ -231,24 +253,24 @@ class RewardEvaluator:
         # (K, *broadcastable shape) per masked tensor: every candidate masks every group, so all share the same names
         stacked_multipliers = {name: torch.stack([factors[name] for factors in multipliers]) for name in multipliers[0]}
         count = len(candidates)
-        if self.refit_ridge is None:
+        if self.refit_ridge is None and not self.bn_recalibration_batches:
             params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
                 name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)
                 for name, param in base.named_parameters()
             }
-        else:  # each candidate's own refitted weights, stacked
-            refitted = []
-            for masks in candidate_masks:
-                apply_masks(base, masks)
-                self._refit(base, masks)
-                refitted.append({name: param.detach().clone() for name, param in base.named_parameters()})
-                self._load_round()
-            params = {name: torch.stack([state[name] for state in refitted]).requires_grad_(param.requires_grad)
+            buffers = {}
+            for name, buffer in base.named_buffers():
+                stacked = buffer.detach().unsqueeze(0).repeat(count, *[1] * buffer.dim())  # (K, *shape)
+                buffers[name] = stacked * stacked_multipliers[name] if name in stacked_multipliers and buffer.is_floating_point() else stacked
+        else:  # each candidate's own refitted weights and recalibrated statistics, stacked
+            states = []
+            for widths, masks in zip(candidates, candidate_masks):
+                masked, _ = self._masked(widths, masks)  # the scratch model itself: copy before the next candidate
+                states.append({name: value.detach().clone() for name, value in [*masked.named_parameters(), *masked.named_buffers()]})
+            base = self._load_round()
+            params = {name: torch.stack([state[name] for state in states]).requires_grad_(param.requires_grad)
                       for name, param in base.named_parameters()}
-        buffers = {}
-        for name, buffer in base.named_buffers():
-            stacked = buffer.detach().unsqueeze(0).repeat(count, *[1] * buffer.dim())  # (K, *shape)
-            buffers[name] = stacked * stacked_multipliers[name] if name in stacked_multipliers and buffer.is_floating_point() else stacked
+            buffers = {name: torch.stack([state[name] for state in states]) for name, _ in base.named_buffers()}
 
         def forward(params, buffers, factors, batch):
             # Masked weights as weight * 0/1: their gradients are zero, so Adam never moves them.

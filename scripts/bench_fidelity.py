@@ -14,7 +14,8 @@ callback measured its rewards after the first fine-tuning step, with per-seed re
 rewards differ slightly from these.) Prints the Spearman correlation of reward with test accuracy and the
 milliseconds per candidate (after an untimed warm-up), and writes them to --output. The correlation with the same
 models' accuracy on the held-out reward split is printed beside it: compare reward designs on that one, not on test.
---fidelity_refit_ridges adds rows with the consumers refitted before recovery (RewardEvaluator refit_ridge). Data and pre-training take
+--fidelity_refit_ridges adds rows with the consumers refitted before recovery (RewardEvaluator refit_ridge), and
+--fidelity_bn_recalibration_batches rows with each candidate's batch-norm statistics recomputed. Data and pre-training take
 benchmark.py's arguments; its method, seed and search arguments do nothing here, and --budgets picks the policies.
 """
 
@@ -46,6 +47,10 @@ class FidelityArguments(BenchmarkArguments):
         default_factory=list,
         metadata={"help": "Also score with the consumers refitted (RewardEvaluator refit_ridge) at each of these ridges, "
                           "at every recovery length."})
+    fidelity_bn_recalibration_batches: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "Batch-norm recalibration lengths (RewardEvaluator bn_recalibration_batches; 0: off) to compare, "
+                          "with every refit ridge and recovery length."})
     output: str = field(default="results/fidelity.json", metadata={"help": "Where the JSON results go."})
 
 
@@ -79,6 +84,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if any(steps < 0 for steps in args.fidelity_recovery_steps):
         raise ValueError(f"--fidelity_recovery_steps {args.fidelity_recovery_steps} must all be >= 0.")
+    if any(count < 0 for count in args.fidelity_bn_recalibration_batches):
+        raise ValueError(f"--fidelity_bn_recalibration_batches {args.fidelity_bn_recalibration_batches} must all be >= 0.")
     if args.cpu_small:
         raise ValueError("--cpu_small is benchmark.py's shorthand; pass the settings it stands for (--max_train_samples 4000 "
                          "--pretrain_epochs 3 --max_length 128) so the dense model matches that run's.")
@@ -97,13 +104,15 @@ def main(argv=None) -> dict:
     # the same fine-tuned models on the held-out reward split: a ranking target that is not the test split
     held_out = [run["report"]["accuracy"].get("reward_split_pruned") for run in runs]
     refit_batches = 4
-    shared_batches = recovery_batches(setup, max(args.fidelity_recovery_steps + [refit_batches]), args.batch_size)
+    most = max(args.fidelity_recovery_steps + args.fidelity_bn_recalibration_batches + [refit_batches])
+    shared_batches = recovery_batches(setup, most, args.batch_size)
     rows = []
 
-    def evaluator_for(steps, ridge):
-        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, refit_batches)], recovery_steps=steps,
+    def evaluator_for(steps, ridge, norm_batches):
+        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, refit_batches, norm_batches)], recovery_steps=steps,
                                     recovery_lr=prune.recovery_lr, importance=prune.importance, autocast_dtype=setup.autocast,
-                                    candidates_per_pass=prune.candidates_per_pass, refit_ridge=ridge, refit_batches=refit_batches)
+                                    candidates_per_pass=prune.candidates_per_pass, refit_ridge=ridge, refit_batches=refit_batches,
+                                    bn_recalibration_batches=norm_batches)
         evaluator.begin_round(setup.dense)
         return evaluator
 
@@ -117,24 +126,29 @@ def main(argv=None) -> dict:
         return result, time.perf_counter() - start
 
     warm_up_ridge = args.fidelity_refit_ridges[0] if args.fidelity_refit_ridges else None  # the refit's solver too
-    evaluator_for(1, warm_up_ridge).evaluate_batch(candidates[: prune.candidates_per_pass])  # untimed: kernels, allocator
+    warm_up = evaluator_for(1, warm_up_ridge, max(args.fidelity_bn_recalibration_batches))
+    warm_up.evaluate_batch(candidates[: prune.candidates_per_pass])  # untimed: kernels, allocator
     for ridge in [None] + args.fidelity_refit_ridges:
-        for steps in args.fidelity_recovery_steps:
-            # once per search round (the refit's reference outputs), then per candidate
-            evaluator, setup_seconds = seconds(lambda: evaluator_for(steps, ridge))
-            rewards, candidate_seconds = seconds(lambda: evaluator.evaluate_batch(candidates))
-            rows.append({"refit_ridge": ridge, "recovery_steps": steps, "spearman": spearman(rewards, accuracies),
-                         "spearman_reward_split": spearman(rewards, held_out) if None not in held_out else float("nan"),
-                         "ms_per_candidate": 1000 * candidate_seconds / len(candidates), "round_setup_ms": 1000 * setup_seconds,
-                         "rewards": rewards})
-            logger.info("refit %s, recovery %d steps: Spearman %.2f (reward split %.2f), %.1f ms per candidate", ridge, steps,
-                        rows[-1]["spearman"], rows[-1]["spearman_reward_split"], rows[-1]["ms_per_candidate"])
+        for norm_batches in args.fidelity_bn_recalibration_batches:
+            for steps in args.fidelity_recovery_steps:
+                # once per search round (the refit's reference outputs), then per candidate
+                evaluator, setup_seconds = seconds(lambda: evaluator_for(steps, ridge, norm_batches))
+                rewards, candidate_seconds = seconds(lambda: evaluator.evaluate_batch(candidates))
+                rows.append({"refit_ridge": ridge, "bn_recalibration_batches": norm_batches, "recovery_steps": steps,
+                             "spearman": spearman(rewards, accuracies),
+                             "spearman_reward_split": spearman(rewards, held_out) if None not in held_out else float("nan"),
+                             "ms_per_candidate": 1000 * candidate_seconds / len(candidates), "round_setup_ms": 1000 * setup_seconds,
+                             "rewards": rewards})
+                logger.info("refit %s, batch-norm recalibration %d batches, recovery %d steps: Spearman %.2f (reward split %.2f), "
+                            "%.1f ms per candidate", ridge, norm_batches, steps, rows[-1]["spearman"], rows[-1]["spearman_reward_split"],
+                            rows[-1]["ms_per_candidate"])
     budgets = sorted({run["budget"] for run in runs})
     lines = [f"Reward fidelity on {setup.name} ({len(runs)} random one-shot allocations at MACs budget(s) {budgets}, each fine-tuned "
              f"in {args.policies_from}; device {setup.device.type}):", "",
-             "| refit ridge | recovery steps | Spearman vs test accuracy after fine-tuning | vs reward-split accuracy after fine-tuning | "
-             "ms per candidate | ms per round (setup) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {'–' if row['refit_ridge'] is None else row['refit_ridge']} | {row['recovery_steps']} | {row['spearman']:.2f} | "
+             "| refit ridge | BN recalibration batches | recovery steps | Spearman vs test accuracy after fine-tuning | "
+             "vs reward-split accuracy after fine-tuning | ms per candidate | ms per round (setup) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {'–' if row['refit_ridge'] is None else row['refit_ridge']} | {row['bn_recalibration_batches']} | "
+              f"{row['recovery_steps']} | {row['spearman']:.2f} | "
               f"{row['spearman_reward_split']:.2f} | {row['ms_per_candidate']:.1f} | {row['round_setup_ms']:.0f} |" for row in rows]
     print("\n".join(lines))
     summary = {"command": "python scripts/bench_fidelity.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),

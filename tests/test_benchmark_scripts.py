@@ -47,12 +47,17 @@ def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir
     assert len({json.dumps(run["report"]["policy"], sort_keys=True) for run in runs}) == 3  # three different random allocations
 
     summary = bench_fidelity.main(common + ["--dense_model_path", dense_dir, "--policies_from", str(policies), "--fidelity_recovery_steps", "0", "4",
-                                            "--fidelity_refit_ridges", "0.1", "--output", str(tmp_path / "fidelity.json")])
+                                            "--fidelity_refit_ridges", "0.1", "--fidelity_bn_recalibration_batches", "0", "2",
+                                            "--output", str(tmp_path / "fidelity.json")])
     written = json.loads((tmp_path / "fidelity.json").read_text())
     assert [row["rewards"] for row in written["rows"]] == [row["rewards"] for row in summary["rows"]]
     assert summary["test_accuracies"] == [run["test_accuracy"] for run in runs]
-    no_recovery, recovered, refit_only, refit_recovered = summary["rows"]
-    assert [(row["refit_ridge"], row["recovery_steps"]) for row in summary["rows"]] == [(None, 0), (None, 4), (0.1, 0), (0.1, 4)]
+    assert [(row["refit_ridge"], row["bn_recalibration_batches"], row["recovery_steps"]) for row in summary["rows"]] == [
+        (ridge, norms, steps) for ridge in (None, 0.1) for norms in (0, 2) for steps in (0, 4)]
+    no_recovery, recovered, refit_only, refit_recovered = [row for row in summary["rows"] if row["bn_recalibration_batches"] == 0]
+    # the reference CNN has no batch norm: recalibrating changes nothing
+    for plain, recalibrated in zip(summary["rows"][0:2] + summary["rows"][4:6], summary["rows"][2:4] + summary["rows"][6:8]):
+        assert recalibrated["rewards"] == plain["rewards"]
     assert refit_only["rewards"] != no_recovery["rewards"] and refit_recovered["rewards"] != recovered["rewards"]
     held_out = [run["report"]["accuracy"]["reward_split_pruned"] for run in runs]
     assert summary["reward_split_accuracies"] == held_out

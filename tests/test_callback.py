@@ -82,7 +82,7 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
     report = json.loads((saved / "pruning_report.json").read_text())
     assert report["macs"]["pruned"] == compute_macs(model.config)
     assert report["search"]["reward_evaluations"] == 8
-    assert report["reward_setup"] == {"refit": True, "refit_ridge": 0.01, "recovery_steps": 2}  # the defaults' refit
+    assert report["reward_setup"] == {"refit": True, "refit_ridge": 0.01, "bn_recalibration_batches": 0, "recovery_steps": 2}
     assert "ridge least squares (ridge 0.01), then 2 recovery steps" in card
     # lockstep batches never exceed ppo_episodes_per_update (2): two PPO updates per round, as one at a time
     assert callback.agent.num_updates == 4
@@ -228,21 +228,24 @@ class RoundRecorder(TrainerCallback):
         history = self.rlprune.history
         if history and history[-1]["step"] == state.global_step and len(self.accuracies) < len(history):
             self.accuracies.append(batched_accuracy(model, self.rlprune._evaluator.reward_batches))
-            refitted = self.rlprune._evaluator.refitted_parameters(history[-1]["widths"])
-            self.holds_refit.append(all(torch.equal(model.get_parameter(name), value) for name, value in refitted.items()))
+            refitted = self.rlprune._evaluator.refitted_tensors(history[-1]["widths"])
+            tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            self.holds_refit.append(all(torch.equal(tensors[name], value) for name, value in refitted.items()))
 
 
-@pytest.mark.parametrize("refit_applied", [True, False])
-def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit_applied):
-    # Without recovery steps the reward is the candidate's accuracy right after its refit: with refit_applied the
-    # trained model takes those weights, so it scores exactly the chosen candidate's reward accuracy.
+@pytest.mark.parametrize("refit_applied, norm_batches", [(True, 0), (False, 0), (True, 2)],
+                         ids=["applied", "not-applied", "applied-with-batch-norm-recalibration"])
+def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit_applied, norm_batches):
+    # Without recovery steps the reward is the candidate's accuracy right after its refit (and its batch norms'
+    # recalibration): with refit_applied the trained model takes those weights and statistics, so it scores exactly
+    # the chosen candidate's reward accuracy.
     recorder = RoundRecorder()
     config = prune_config(refit_ridge=0.01, recovery_steps=0, refit_applied=refit_applied, num_rounds=1, target=0.5,
-                          start_fraction=0.5, end_fraction=0.5)
+                          start_fraction=0.5, end_fraction=0.5, bn_recalibration_batches=norm_batches)
     train_set, reward_set = pattern_data()
     recorder.rlprune = RLPruneCallback(config, reward_dataset=reward_set)
     torch.manual_seed(0)
-    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN, use_batch_norm=norm_batches > 0))
     args = TrainingArguments(str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[],
                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
     Trainer(model=model, args=args, train_dataset=train_set, callbacks=[recorder.rlprune, recorder]).train()
@@ -251,6 +254,11 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
     assert recorder.holds_refit == [refit_applied]
     if refit_applied:
         assert recorder.accuracies == [record["reward_accuracy"]]
+    if norm_batches:  # the statistics came with the weights: recomputed, not the round's running averages
+        assert len(recorder.rlprune._recovery_batches(0)) == max(norm_batches, recorder.rlprune._evaluator.refit_batches)
+        evaluator = recorder.rlprune._evaluator
+        carried = {name: value for name, value in evaluator.refitted_tensors(record["widths"]).items() if "running_var" in name}
+        assert len(carried) == 2 and all(not torch.equal(value, evaluator._snapshot[name]) for name, value in carried.items())
 
 
 def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeypatch, caplog):

@@ -5,7 +5,14 @@ import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import apply_masks, get_masks, get_prunable_groups
-from hf_rlprune.pruning.refit import _calibration_batch, _conv_patches, _rows, refit_consumers, reference_outputs
+from hf_rlprune.pruning.refit import (
+    _calibration_batch,
+    _conv_patches,
+    _rows,
+    recalibrate_batch_norm,
+    refit_consumers,
+    reference_outputs,
+)
 from hf_rlprune.reward import RewardEvaluator
 from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_counting_lstm, train_quadrant_cnn
 
@@ -230,3 +237,61 @@ def test_reference_and_refit_without_masks_match_the_masked_batches():
         refit_consumers(copy_, masks, calibration, reference, ridge=0.01)
         refitted[name] = copy_.lstm_layers[0].weight_ih_l0.detach()
     assert torch.allclose(refitted["masked"], refitted["unmasked"], atol=1e-6)
+
+
+def test_batch_norm_recalibration_holds_the_masked_models_own_statistics():
+    model = train_quadrant_cnn().eval()  # batch norm after each conv, dropout 0.3 before the classifier
+    masks = {"conv_blocks.0": torch.tensor([True, False] * 4), "conv_blocks.1": torch.arange(16) < 10}
+    apply_masks(model, masks)
+    batches = quadrant_batches(3, 32, seed=4)
+    # what each norm sees when every norm normalizes by its batch: per-batch mean and unbiased variance, averaged
+    seen = {name: [] for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    probe = copy.deepcopy(model).train()
+    handles = [probe.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: seen[name].append(args[0]))
+               for name in seen]
+    with torch.no_grad():
+        for batch in batches:
+            probe(pixel_values=batch["pixel_values"])
+    for handle in handles:
+        handle.remove()
+    momenta = {name: model.get_submodule(name).momentum for name in seen}
+    assert len(seen) == 2 and recalibrate_batch_norm(model, batches) == 2
+    assert not model.training  # left in the mode it was in
+    for name, inputs in seen.items():
+        norm = model.get_submodule(name)
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)  # (C,)
+        variance = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in inputs]).mean(0)  # (C,), unbiased per batch
+        assert torch.allclose(norm.running_mean, mean, atol=1e-5) and torch.allclose(norm.running_var, variance, atol=1e-5)
+        assert norm.momentum == momenta[name] and not norm.training
+        pruned = ~masks[name.removesuffix(".norm")]
+        assert torch.all(norm.running_mean[pruned] == 0) and torch.all(norm.running_var[pruned] == 0)
+    # dropout was off: the statistics do not depend on the random stream
+    again = copy.deepcopy(model)
+    torch.manual_seed(123)
+    recalibrate_batch_norm(again, batches)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), again.buffers()))
+    plain = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[4], hidden_sizes=[8], num_labels=4, image_size=16))
+    before = copy.deepcopy(plain.state_dict())
+    assert recalibrate_batch_norm(plain, batches) == 0  # no norm: nothing runs, nothing changes
+    assert all(torch.equal(value, before[name]) for name, value in plain.state_dict().items())
+
+
+def test_batch_norm_recalibrated_rewards_stacked_and_one_at_a_time():
+    trained_cnn = train_quadrant_cnn()
+
+    def evaluator(per_pass, norm_batches, ridge=None):
+        return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(4, 32, seed=3), candidates_per_pass=per_pass,
+                               stack_candidates=True, refit_ridge=ridge, bn_recalibration_batches=norm_batches)
+
+    rewards = {}
+    for key in [(1, 0), (1, 3), (4, 3), (1, 3, 0.1), (4, 3, 0.1)]:
+        reward = evaluator(*key)
+        reward.begin_round(trained_cnn)
+        rewards[key] = reward.evaluate_batch(CANDIDATES)
+    assert rewards[(4, 3)] == pytest.approx(rewards[(1, 3)], abs=1 / 256 + 1e-9)
+    assert rewards[(4, 3, 0.1)] == pytest.approx(rewards[(1, 3, 0.1)], abs=1 / 256 + 1e-9)
+    assert sum(rewards[(1, 3)][1:3]) > sum(rewards[(1, 0)][1:3])  # fresh statistics recover pruned accuracy
+    with pytest.raises(ValueError, match="bn_recalibration_batches = 2 needs recovery batches"):
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), bn_recalibration_batches=2).begin_round(trained_cnn)
+    with pytest.raises(ValueError, match="bn_recalibration_batches = -1"):
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), bn_recalibration_batches=-1)

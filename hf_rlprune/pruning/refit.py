@@ -13,6 +13,7 @@ so a consumer with more inputs than calibration rows (a dense layer after a flat
 Recurrent weights (an LSTM's own hidden-to-hidden columns) are not refitted.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -258,3 +259,32 @@ def _refit_slice(model, module_name, module, group, slice_, keep, rows, target, 
     bias_name = param_name.replace("weight", "bias") if isinstance(module, nn.LSTM) else "bias"
     getattr(module, bias_name).add_(bias_delta.to(getattr(module, bias_name).dtype))  # `bias` above is a float64 copy
     return [slice_.name, f"{module_name}.{bias_name}"]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: list[dict], autocast=None) -> int:
+    """Recompute every batch norm's running mean and variance as the masked (and refitted) `model`'s own statistics
+    on `batches` (adaptive BN, as in EagleEye): masking shifts the distribution each norm sees, and the dense model's
+    stale statistics then dominate the accuracy a candidate is ranked by. Only the norms run in training mode (dropout
+    stays off); the statistics are plain averages over the batches (momentum None). Returns how many norms were
+    recalibrated (0: the model has none, and nothing ran)."""
+    norms = [module for module in model.modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+    if not norms:
+        return 0
+    was_training, momenta = model.training, [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: every batch counts the same
+        norm.train()
+    try:
+        with autocast or contextlib.nullcontext():
+            for batch in batches:
+                model(**{key: value for key, value in batch.items() if key != "labels"})
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    enforce_masks(model)  # pruned channels' statistics stay zero, as masking left them
+    return len(norms)
