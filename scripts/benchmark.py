@@ -104,6 +104,8 @@ class BenchmarkArguments:
     recovery_steps: int = field(default=50, metadata={"help": "Recovery steps before each reward measurement."})
     refit_ridge: float | None = field(default=None, metadata={"help": "Refit the consumers before recovery at this ridge (RLPruneConfig refit=True, refit_ridge); unset: no refit, as in the main tables."})
     refit_applied: bool = field(default=False, metadata={"help": "RLPruneConfig.refit_applied: the fine-tuned model takes the chosen allocation's refit too."})
+    importance: str = field(
+        default="l1", metadata={"help": "RLPruneConfig.importance for every method: which units a width keeps (l1, l2, taylor, random)."})
     bn_recalibration_batches: int = field(
         default=0, metadata={"help": "RLPruneConfig.bn_recalibration_batches: recompute each candidate's batch-norm statistics on "
                                      "this many training batches before its reward (0: off, as in the main tables)."})
@@ -148,7 +150,7 @@ def spearman(x, y) -> float:
 def prune_config(args: BenchmarkArguments, method: str, budget: float, seed: int) -> RLPruneConfig:
     common = dict(target=budget, prune_seed=seed, search_episodes=args.search_episodes, recovery_steps=args.recovery_steps,
                   refit=args.refit_ridge is not None, refit_ridge=0.01 if args.refit_ridge is None else args.refit_ridge, refit_applied=args.refit_applied,
-                  bn_recalibration_batches=args.bn_recalibration_batches,
+                  bn_recalibration_batches=args.bn_recalibration_batches, importance=args.importance,
                   num_rounds=args.num_rounds, start_fraction=args.start_fraction, end_fraction=args.end_fraction,
                   save_on_train_end=False, show_progress=False)
     if args.width_multiple is not None:
