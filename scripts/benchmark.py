@@ -474,6 +474,9 @@ def main(argv=None):
         args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
         args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2
         args.latency_runs, args.max_length = 1, min(args.max_length, 128)
+    for method in args.methods:  # every run's pruning settings, checked before minutes of pre-training
+        for budget in args.budgets:
+            prune_config(args, method, budget, args.seeds[0])
     os.makedirs(args.output_dir, exist_ok=True)
     command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     setup = setup_task(args)

@@ -222,6 +222,18 @@ def test_width_multiple_reaches_every_method(scripts):
         assert benchmark.prune_config(snapped, method, 0.25, 0).width_multiple == 8, method
 
 
+def test_reward_and_importance_settings_reach_every_method(scripts):
+    benchmark, _ = scripts
+    args = benchmark.BenchmarkArguments(importance="taylor", bn_recalibration_batches=4, refit_ridge=0.1)
+    for method in ("ppo", "random", "uniform", "oneshot", "random_oneshot", "ppo_latency"):
+        config = benchmark.prune_config(args, method, 0.25, 0)
+        assert (config.importance, config.bn_recalibration_batches, config.refit, config.refit_ridge) == ("taylor", 4, True, 0.1), method
+    with pytest.raises(ValueError, match="importance = 'l3' is unknown"):  # before any data is loaded or model trained
+        benchmark.main(["--task", "cifar10", "--dataset_dir", "/nonexistent", "--importance", "l3"])
+    with pytest.raises(ValueError, match="bn_recalibration_batches = -1"):
+        benchmark.main(["--task", "cifar10", "--dataset_dir", "/nonexistent", "--bn_recalibration_batches", "-1"])
+
+
 def test_random_oneshot_under_a_latency_budget(scripts, tmp_path):
     # the head-room probe of ppo_latency: one random allocation per seed, under the same latency budget, cut once
     benchmark, _ = scripts
