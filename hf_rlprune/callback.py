@@ -36,6 +36,7 @@ from .pruning import (
     get_prunable_groups,
     masked_widths,
     masks_from_widths,
+    remove_masks,
 )
 from .reward import RewardEvaluator, batched_accuracy, move_to_device, take_batches
 
@@ -492,6 +493,8 @@ class RLPruneCallback(TrainerCallback):
         masks = {key[len("mask."):]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
         if masks:
             apply_masks(model, masks)
+        else:  # saved before the first round: the Trainer loaded its unpruned weights, which the last round's masks must not cut
+            remove_masks(model)
         rounds = int(metadata["rounds_done"])
         if rounds < self.config.num_rounds:
             logger.warning(

@@ -125,6 +125,18 @@ def test_gradient_accumulation_mixed_precision_eval_and_best_model(tmp_path):
     assert any("eval_accuracy" in entry for entry in trainer.state.log_history)
 
 
+def test_best_checkpoint_from_before_the_first_round_is_saved_unpruned(tmp_path, monkeypatch):
+    # A checkpoint saved before any round holds no masks: the model saved is that checkpoint's, at the dense widths,
+    # not its weights cut to the last round's widths without the fine-tuning that followed the cut.
+    monkeypatch.setattr(sys.modules[__name__], "_accuracy", lambda prediction: {"accuracy": 0.5})  # a tie keeps the first
+    trainer, callback = train(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                              load_best_model_at_end=True, metric_for_best_model="accuracy")
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")  # before the first round, at step 4
+    assert compute_macs(trainer.model.config) == compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    assert callback.rounds_done == 0 and callback.report["macs"]["pruned"] == callback.report["macs"]["dense"]
+    assert callback.report["compaction_check"]["float32"]["agrees"]
+
+
 def test_impossible_budget_fails_before_training(tmp_path):
     recorder = LogRecorder()
     with pytest.raises(ValueError, match=r"RLPruneConfig\(target=0.001.*cannot be met"):
