@@ -40,6 +40,9 @@ class DistillationTrainer(Trainer):
             raise ValueError("label_smoothing_factor > 0 and distillation both soften the targets; set label_smoothing_factor=0 "
                              "or use the plain Trainer.")
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        # compute_loss returns a mean over the micro-batch (no num_items_in_batch): the Trainer divides by the
+        # gradient-accumulation steps, whatever the model's forward accepts
+        self.loss_is_scaled_for_ga = False
         self.alpha, self.temperature = float(alpha), float(temperature)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -82,3 +82,36 @@ def test_bad_settings_name_the_fix(tmp_path, teacher):
     trainer = make_trainer(tmp_path, 0.5, teacher)
     with pytest.raises(ValueError, match="needs labels"):
         trainer.compute_loss(trainer.model, {"pixel_values": torch.randn(2, 3, 8, 8)})
+
+
+@pytest.mark.parametrize("trainer_class", ["Trainer", "DistillationTrainer"])
+def test_gradient_accumulation_takes_the_large_batchs_step(tmp_path, trainer_class):
+    # One step on 32 examples as 1 x 32 or 4 x 8 micro-batches: the same loss and update. The models' losses are
+    # batch means, so the Trainer must divide each micro-batch's by the accumulation steps.
+    from transformers import Trainer
+
+    train_set = tiny_data(n=80)[0].select(range(32))
+    config = RLPruneCNNConfig(**TINY_CNN, dropout=0.0)
+    torch.manual_seed(2)
+    teacher_model = RLPruneCNNForImageClassification(config)
+
+    def one_step(batch_size, accumulation):
+        torch.manual_seed(0)
+        model = RLPruneCNNForImageClassification(config)
+        before = model.classifier.weight.detach().clone()
+        args = TrainingArguments(str(tmp_path / f"{batch_size}"), max_steps=1, per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, learning_rate=0.1, optim="sgd", max_grad_norm=1e9,
+                                 lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                                 disable_tqdm=True, seed=0, data_seed=0)
+        extra = {} if trainer_class == "Trainer" else dict(teacher=copy.deepcopy(teacher_model), alpha=0.5)
+        trainer = (Trainer if trainer_class == "Trainer" else DistillationTrainer)(model=model, args=args, train_dataset=train_set, **extra)
+        trainer.train()
+        loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        return loss, model.classifier.weight.detach() - before
+
+    (loss_whole, update_whole), (loss_split, update_split) = one_step(32, 1), one_step(8, 4)
+    assert loss_split == pytest.approx(loss_whole, rel=1e-4)
+    assert torch.allclose(update_split, update_whole, atol=1e-6) and update_whole.abs().max() > 1e-4
+    from hf_rlprune import RLPruneLSTMForSequenceClassification
+
+    assert RLPruneLSTMForSequenceClassification.accepts_loss_kwargs is False  # the LSTM's loss is a batch mean too

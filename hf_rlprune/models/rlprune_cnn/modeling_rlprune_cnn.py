@@ -38,6 +38,9 @@ class RLPruneCNNPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["RLPruneCNNConvBlock"]
+    # The loss is a mean over the batch (num_items_in_batch is not used): the Trainer must divide it by the
+    # gradient-accumulation steps itself, which it skips for a forward taking **kwargs unless told.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Conv2d):

@@ -42,6 +42,9 @@ class RLPruneLSTMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rlprune_lstm"
     main_input_name = "input_ids"
     input_modalities = ("text",)
+    # The loss is a mean over the batch (num_items_in_batch is not used): the Trainer must divide it by the
+    # gradient-accumulation steps itself, which it skips for a forward taking **kwargs unless told.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         if isinstance(module, nn.Embedding):
