@@ -198,6 +198,13 @@ class RLPruneCallback(TrainerCallback):
             refit_ridge=cfg.effective_refit_ridge,
             bn_recalibration_batches=cfg.bn_recalibration_batches,
         )
+        if self._recovery_batch_count() and isinstance(self._train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "The training set is an iterable (streaming) dataset, but each pruning round draws shuffled training "
+                "batches from it for the reward (the refit's calibration, recovery steps, batch-norm recalibration). "
+                "Pass a map-style dataset (e.g. load_dataset(..., streaming=False)), or set refit=False, recovery_steps=0 "
+                "and bn_recalibration_batches=0."
+            )
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
@@ -264,9 +271,13 @@ class RLPruneCallback(TrainerCallback):
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class)
 
     # ---- rounds -----------------------------------------------------------------------------------------------
+    def _recovery_batch_count(self) -> int:
+        """Training batches a round's reward needs: the refit's calibration, recovery steps, batch-norm recalibration."""
+        refit = self._evaluator.refit_batches if self.config.refit else 0
+        return max(self.config.recovery_steps, refit, self.config.bn_recalibration_batches)
+
     def _recovery_batches(self, round_index: int) -> list[dict]:
-        refit = self._evaluator.refit_batches if self.config.refit else 0  # the refit's calibration batches
-        count = max(self.config.recovery_steps, refit, self.config.bn_recalibration_batches)
+        count = self._recovery_batch_count()
         if not count:
             return []
         generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)

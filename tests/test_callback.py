@@ -137,6 +137,25 @@ def test_best_checkpoint_from_before_the_first_round_is_saved_unpruned(tmp_path,
     assert callback.report["compaction_check"]["float32"]["agrees"]
 
 
+def test_a_streaming_training_set_is_refused_at_train_begin_when_the_reward_needs_its_batches(tmp_path):
+    train_set, reward_set = tiny_data()
+    stream = train_set.to_iterable_dataset()  # valid for the Trainer with max_steps, but has no length to shuffle
+
+    def fit(config):
+        torch.manual_seed(0)
+        model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+        args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=stream, callbacks=[RLPruneCallback(config, reward_dataset=reward_set)])
+        trainer.train()
+        return trainer
+
+    with pytest.raises(ValueError, match="iterable \\(streaming\\) dataset.*map-style"):
+        fit(prune_config())  # the refit (on by default) needs shuffled training batches
+    trainer = fit(prune_config(refit=False, recovery_steps=0, save_on_train_end=False))  # a reward on the reward split alone
+    assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+
+
 def test_impossible_budget_fails_before_training(tmp_path):
     recorder = LogRecorder()
     with pytest.raises(ValueError, match=r"RLPruneConfig\(target=0.001.*cannot be met"):
