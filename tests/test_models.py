@@ -104,6 +104,23 @@ def test_lstm_binary_head_is_sigmoid_shown_as_two_logits():
     assert model.classifier.out_features == 1
 
 
+def test_cnn_dropout_before_every_dense_layer_after_a_hidden_one():
+    model = tiny_cnn(hidden_sizes=[16, 16], dropout=0.5)
+    seen = {}
+    model.hidden_layers[0].register_forward_hook(lambda module, args, output: seen.__setitem__("first", torch.relu(output)))
+    model.hidden_layers[1].register_forward_pre_hook(lambda module, args: seen.__setitem__("second_input", args[0]))
+    pixels = torch.randn(64, 3, 8, 8)
+    model(pixels)
+    assert torch.equal(seen["second_input"], seen["first"])  # eval: no dropout
+    model.train()
+    torch.manual_seed(1)
+    model(pixels)
+    dropped = (seen["second_input"] == 0) & (seen["first"] != 0)
+    assert 0.3 < dropped.sum() / (seen["first"] != 0).sum() < 0.7  # about half of the live activations
+    kept = seen["second_input"] != 0
+    assert torch.allclose(seen["second_input"][kept], 2 * seen["first"][kept])  # inverted dropout's 1 / (1 - p)
+
+
 def test_lstm_embedding_dropout_acts_in_training_only():
     model = tiny_lstm(embedding_dropout=0.5)
     input_ids = torch.randint(1, 30, (4, 9))

@@ -91,7 +91,9 @@ class RLPruneCNNForImageClassification(RLPruneCNNPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = hidden_states.flatten(1)  # (B, C_last * H_last * W_last)
-        for layer in self.hidden_layers:
+        for index, layer in enumerate(self.hidden_layers):
+            if index > 0:  # dropout before each dense layer that follows a hidden layer, the classifier's below
+                hidden_states = self.dropout(hidden_states)
             hidden_states = torch.relu(layer(hidden_states))  # (B, hidden_i)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
