@@ -279,6 +279,30 @@ def test_rounds_prune_nested_sets():
     for name, mask in second.items():
         assert torch.all(first[name] | ~mask), name  # every unit kept now was kept before
     assert masked_widths(model) == {"conv_blocks.0": 3, "conv_blocks.1": 4, "hidden_layers.0": 5}
+    # a group a later round leaves out keeps its width: nothing an earlier round pruned revives
+    third = masks_from_widths(model, {"hidden_layers.0": 2})
+    assert {name: int(mask.sum()) for name, mask in third.items()} == {"conv_blocks.0": 3, "conv_blocks.1": 4, "hidden_layers.0": 2}
+    assert all(torch.equal(third[name], first[name]) for name in ("conv_blocks.0", "conv_blocks.1"))
+
+
+def test_masks_hold_after_the_model_is_cast_or_moved():
+    # The Trainer (or a user) may cast or move a model after masking: the hooks and enforce_masks follow it.
+    model = make_cnn().train()
+    masks = random_masks(model, torch.Generator().manual_seed(2))
+    apply_masks(model, masks)
+    model.to(torch.bfloat16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs = {key: value.bfloat16() for key, value in cnn_inputs(model, 8).items()}
+    model(**inputs, labels=torch.randint(0, 2, (8,))).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.conv_blocks[0].conv.weight.add_(1.0)  # written directly, as weight loading or an EMA would
+    enforce_masks(model, optimizer)
+    dropped = torch.nonzero(~masks["conv_blocks.0"]).flatten()
+    weight = model.conv_blocks[0].conv.weight
+    assert weight.dtype == torch.bfloat16 and torch.all(weight[dropped] == 0)
+    assert weight[masks["conv_blocks.0"]].abs().min() > 0  # the live units keep what was written
+    assert torch.all(optimizer.state[weight]["exp_avg"][dropped] == 0)
 
 
 def test_pruning_ratios_and_trade_off():

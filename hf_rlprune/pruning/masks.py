@@ -55,7 +55,8 @@ def masks_from_widths(
     generator = torch.Generator().manual_seed(seed)
     masks = {}
     for name, group in groups.items():
-        width = int(widths.get(name, group.width))
+        # a group left out keeps its current width: rounds stay nested, nothing an earlier round pruned revives
+        width = int(widths[name]) if name in widths else int(current[name].sum()) if name in current else group.width
         if not 1 <= width <= group.width:
             raise ValueError(f"Width {width} for group {name!r} must be in [1, {group.width}].")
         scores = unit_scores(model, group, criterion, taylor=taylor, generator=generator).float().cpu()
@@ -120,7 +121,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     for name, factor in multipliers.items():
         tensors[name].mul_(factor)
         if name in params:
-            handles.append(params[name].register_hook(lambda grad, factor=factor: grad * factor))
+            # the factor follows the gradient: the model may be moved or cast after masking (e.g. by the Trainer)
+            handles.append(params[name].register_hook(lambda grad, factor=factor: grad * factor.to(grad.device, grad.dtype)))
     setattr(model, _MASKS_ATTR, {name: mask.bool().cpu().clone() for name, mask in masks.items()})
     setattr(model, _HOOKS_ATTR, handles)
     setattr(model, _MULTIPLIERS_ATTR, multipliers)
@@ -152,7 +154,7 @@ def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         return
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, factor in multipliers.items():
-        tensors[name].mul_(factor)
+        tensors[name].mul_(factor.to(tensors[name].device, tensors[name].dtype))
     if optimizer is None:
         return
     by_param = {id(tensors[name]): factor for name, factor in multipliers.items()}
@@ -162,7 +164,7 @@ def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             continue
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value.mul_(factor.to(value.dtype))
+                value.mul_(factor.to(value.device, value.dtype))
 
 
 def masked_widths(model: nn.Module) -> dict[str, int]:
