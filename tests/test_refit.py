@@ -189,15 +189,33 @@ def test_refitted_lstm_rewards_stacked_and_one_at_a_time():
     assert rewards[1, 0.01] != rewards[1, None]
 
 
-@pytest.mark.parametrize("kernel, stride, padding, dilation", [(3, 1, 1, 1), (3, 2, 0, 1), (5, 1, "same", 2), ((3, 1), (1, 2), (1, 0), 1)])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [(3, 1, 1, 1), (3, 2, 0, 1), (5, 1, "same", 2), ((3, 1), (1, 2), (1, 0), 1),
+                                                             (2, 1, "same", 1), ((4, 3), 1, "same", (1, 2))])
 def test_gathered_patches_are_the_unfolded_rows(kernel, stride, padding, dilation):
-    # The refit gathers only the sampled patches; they must be exactly unfold's rows at those positions.
-    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
-    inputs = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))
+    # The refit gathers only the sampled patches; they must be exactly unfold's rows at those positions, and both
+    # must be what the conv multiplies (padding="same" with an even kernel pads unevenly, as torch does).
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    inputs = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     everything = _conv_patches(conv, inputs, None)  # (N * L, C * k * k), via unfold
-    assert everything.shape[0] == conv(inputs).shape[0] * conv(inputs).shape[2] * conv(inputs).shape[3]
+    outputs = conv(inputs).permute(0, 2, 3, 1).reshape(-1, 4)  # (N * out_h * out_w, out channels)
+    assert torch.allclose(everything @ conv.weight.flatten(1).T + conv.bias, outputs, atol=1e-10)
     chosen = torch.tensor([0, 5, everything.shape[0] // 2, everything.shape[0] - 1])
     assert torch.equal(_conv_patches(conv, inputs, chosen), everything[chosen])
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_refit_of_a_cnn_with_an_even_kernel():
+    # RLPruneCNNConfig takes padding="same" with an even kernel; the default reward refits it.
+    torch.manual_seed(0)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[4, 8], hidden_sizes=[8], kernel_size=2, image_size=8)).eval()
+    batches = [{"pixel_values": torch.randn(16, 3, 8, 8)}]
+    reference, expected = reference_outputs(model, batches), logits(model, batches)
+    masks = {"conv_blocks.0": torch.tensor([True, True, False, True])}
+    apply_masks(model, masks)
+    lost = (logits(model, batches) - expected).abs().mean()
+    assert refit_consumers(model, masks, batches, reference, ridge=0.01)[:2] == ["conv_blocks.1.conv.weight", "conv_blocks.1.conv.bias"]
+    assert (logits(model, batches) - expected).abs().mean() < 0.5 * lost  # the fit is of the conv as torch pads it
 
 
 def test_calibration_batches_of_different_lengths_are_right_padded():

@@ -46,14 +46,19 @@ def _linear_map(module: nn.Module, param_name: str) -> tuple[torch.Tensor, torch
     raise TypeError(f"Cannot refit a {type(module).__name__} consumer; refit knows Linear, Conv2d and LSTM input projections.")
 
 
-def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+def _pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The conv's zero padding as F.pad takes it, (left, right, top, bottom). For padding="same" torch puts
+    d * (k - 1) // 2 before and the rest after, which is uneven for even kernels."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"Cannot refit a conv with padding_mode={conv.padding_mode!r}; refit knows zero padding.")
     if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":  # symmetric for odd kernels, which "same" with unfold needs
-        if any(k % 2 == 0 for k in conv.kernel_size):
-            raise ValueError(f"Cannot refit a conv with padding='same' and the even kernel {conv.kernel_size}.")
-        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
-    return conv.padding
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        (before_h, after_h), (before_w, after_w) = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                                                    for k, d in zip(conv.kernel_size, conv.dilation)]
+        return (before_w, after_w, before_h, after_h)
+    pad_h, pad_w = conv.padding
+    return (pad_w, pad_w, pad_h, pad_h)
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,13 +73,12 @@ def _conv_patches(conv: nn.Conv2d, inputs: torch.Tensor, chosen: torch.Tensor | 
     """im2col rows (R, C * kh * kw) of `inputs` (N, C, H, W) for the conv's output positions `chosen` (flat indices over
     N * out_h * out_w; None: all). Gathers only the chosen patches: unfolding every patch first costs k*k copies of
     the whole activation."""
+    padded = F.pad(inputs, _pads(conv))  # (N, C, H + top + bottom, W + left + right)
     if chosen is None:
-        patches = F.unfold(inputs, conv.kernel_size, conv.dilation, _padding(conv), conv.stride)  # (N, C*k*k, L)
+        patches = F.unfold(padded, conv.kernel_size, conv.dilation, 0, conv.stride)  # (N, C*k*k, L)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N*L, C*k*k)
-    (pad_h, pad_w), (kernel_h, kernel_w) = _padding(conv), conv.kernel_size
-    (dilation_h, dilation_w), (stride_h, stride_w) = conv.dilation, conv.stride
+    (kernel_h, kernel_w), (dilation_h, dilation_w), (stride_h, stride_w) = conv.kernel_size, conv.dilation, conv.stride
     out_h, out_w = _conv_output_size(conv, inputs)
-    padded = F.pad(inputs, (pad_w, pad_w, pad_h, pad_h))  # (N, C, H + 2ph, W + 2pw)
     image, position = chosen // (out_h * out_w), chosen % (out_h * out_w)  # (R,), (R,)
     top = (position // out_w) * stride_h  # (R,)
     left = (position % out_w) * stride_w  # (R,)
@@ -86,9 +90,9 @@ def _conv_patches(conv: nn.Conv2d, inputs: torch.Tensor, chosen: torch.Tensor | 
 
 def _conv_output_size(conv: nn.Conv2d, inputs: torch.Tensor) -> tuple[int, int]:
     """(out_h, out_w) of `conv` on `inputs` (N, C, H, W)."""
-    padding = _padding(conv)
-    return tuple((inputs.shape[2 + axis] + 2 * padding[axis] - conv.dilation[axis] * (conv.kernel_size[axis] - 1) - 1)
-                 // conv.stride[axis] + 1 for axis in (0, 1))
+    left, right, top, bottom = _pads(conv)
+    return tuple((inputs.shape[2 + axis] + padding - conv.dilation[axis] * (conv.kernel_size[axis] - 1) - 1) // conv.stride[axis] + 1
+                 for axis, padding in ((0, top + bottom), (1, left + right)))
 
 
 def _rows(module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None, max_rows: int, seed: int) -> torch.Tensor:
