@@ -239,12 +239,14 @@ def test_calibration_batches_without_a_mask_mark_the_added_padding():
     assert merged["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
 
 
-def test_reference_and_refit_without_masks_match_the_masked_batches():
-    # Refitting on mask-less batches of different lengths gives what the same batches with their masks give.
+@pytest.mark.parametrize("second_length", [7, 12], ids=["different-lengths", "same-length"])
+def test_reference_and_refit_without_masks_match_the_masked_batches(second_length):
+    # Refitting on mask-less batches gives what the same batches with their masks give: their own padding (and any
+    # the merge adds) is dropped, as the model drops its pad tokens.
     torch.manual_seed(0)
     model = RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20, embedding_dim=8, lstm_hidden_sizes=[6],
                                                                    hidden_sizes=[4], pad_token_id=0)).eval()
-    batches = counting_batches(1, 16, seed=1, steps=12) + counting_batches(1, 16, seed=2, steps=7)
+    batches = counting_batches(1, 16, seed=1, steps=12) + counting_batches(1, 16, seed=2, steps=second_length)
     unmasked = [{key: value for key, value in batch.items() if key != "attention_mask"} for batch in batches]
     masks = twin_masks(model, "embeddings", 3)
     refitted = {}

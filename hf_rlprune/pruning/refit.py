@@ -126,8 +126,8 @@ def _calibration_batch(model: nn.Module, batches: list[dict]) -> dict[str, torch
     """The model inputs of `batches` as one batch (labels dropped), so each refit is one forward: token tensors of
     different lengths are right-padded (the models take right padding; the attention mask marks it)."""
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if "attention_mask" not in batches[0] and "input_ids" in batches[0] and len({b["input_ids"].shape[1] for b in batches}) > 1:
-        # padding added here must not count as tokens: mark it, as the model would mark its own pad tokens
+    if "attention_mask" not in batches[0] and "input_ids" in batches[0]:
+        # padding, the batches' own or added here, must not count as tokens: mark it as the model marks its pad tokens
         batches = [{**batch, "attention_mask": (batch["input_ids"] != pad_token_id).long() if pad_token_id is not None
                     else torch.ones_like(batch["input_ids"])} for batch in batches]
     merged = {}
