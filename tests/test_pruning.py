@@ -13,10 +13,12 @@ from hf_rlprune.pruning import (
     compute_macs,
     count_parameters,
     enforce_masks,
+    export_onnx,
     get_masks,
     get_prunable_groups,
     masked_widths,
     masks_from_widths,
+    measure_latency,
     pruning_ratios,
     trade_off_score,
     unit_scores,
@@ -303,6 +305,27 @@ def test_masks_hold_after_the_model_is_cast_or_moved():
     assert weight.dtype == torch.bfloat16 and torch.all(weight[dropped] == 0)
     assert weight[masks["conv_blocks.0"]].abs().min() > 0  # the live units keep what was written
     assert torch.all(optimizer.state[weight]["exp_avg"][dropped] == 0)
+
+
+def test_onnx_export_takes_any_sequence_length_and_leaves_the_model_alone(tmp_path):
+    import onnxruntime
+
+    model = make_lstm().train().to(torch.bfloat16)
+    path = export_onnx(model, tmp_path / "model.onnx")
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16  # exported from a float32 copy
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = make_lstm().to(torch.bfloat16).float().eval()  # the same weights, as the export saw them
+    for length in (5, 12):  # shorter and longer than the export's example (max_seq_length 12)
+        inputs = lstm_inputs(batch=3, length=length)
+        (logits,) = session.run(None, {name: value.numpy() for name, value in inputs.items()})
+        assert torch.allclose(torch.from_numpy(logits), reference(**inputs).logits, atol=1e-4), length
+
+
+def test_latency_is_measured_on_a_float32_copy():
+    model = make_cnn().train().to(torch.bfloat16)
+    result = measure_latency(model, batch_size=2, runtime="torch", warmup=0, repeats=1)
+    assert result.median_ms > 0
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16
 
 
 def test_pruning_ratios_and_trade_off():

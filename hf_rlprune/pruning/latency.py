@@ -5,6 +5,7 @@ ONNX export uses `torch.onnx.export` on the compacted model. optimum's exporter 
 model-specific export logic.
 """
 
+import copy
 import os
 import statistics
 import tempfile
@@ -60,23 +61,30 @@ class _LogitsOnly(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, batch_size: int = 1, seq_len: int | None = None) -> Path:
-    """Export a (compacted) model to ONNX with a dynamic batch axis; returns the file path."""
+    """Export a (compacted) model to ONNX in float32, with dynamic batch and sequence axes (token inputs take any
+    length); returns the file path. The model itself is left as it was (mode, device, dtype)."""
     check_supported(model)
     inputs = example_inputs(model, batch_size, seq_len)
-    return export_module_onnx(_LogitsOnly(model.eval().cpu(), list(inputs)), inputs, path, output_name="logits")
+    exported = _LogitsOnly(copy.deepcopy(model).float().eval().cpu(), list(inputs))
+    return export_module_onnx(exported, inputs, path, output_name="logits", dynamic_sequence=True)
 
 
-def export_module_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], path: str | os.PathLike, output_name: str = "output") -> Path:
-    """Export any module taking `inputs` positionally (in dict order) and returning one tensor; dynamic batch axis."""
+def export_module_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], path: str | os.PathLike, output_name: str = "output",
+                       dynamic_sequence: bool = False) -> Path:
+    """Export any module taking `inputs` positionally (in dict order) and returning one tensor; dynamic batch axis,
+    and with `dynamic_sequence` a dynamic axis 1 of the 2-D integer inputs (token ids, attention masks). Timing
+    exports keep the sequence fixed, as it was measured."""
     path = Path(path)
     names = list(inputs)
+    axes = {name: {0: "batch", 1: "sequence"} if dynamic_sequence and value.dim() == 2 and not value.is_floating_point()
+            else {0: "batch"} for name, value in inputs.items()}
     torch.onnx.export(
         module.eval().cpu(),
         tuple(value.cpu() for value in inputs.values()),
         str(path),
         input_names=names,
         output_names=[output_name],
-        dynamic_axes={name: {0: "batch"} for name in names},
+        dynamic_axes=axes,
         dynamo=False,  # the TorchScript exporter handles nn.LSTM directly and needs no extra packages
     )
     return path
@@ -153,7 +161,8 @@ def measure_latency(
     repeats: int = 20,
     threads: int | None = None,
 ) -> LatencyResult:
-    """Median wall time of one forward pass of `model` (compact it first: masked units still cost time)."""
+    """Median wall time of one forward pass of `model` (compact it first: masked units still cost time), timed in a
+    float32 copy: the model itself is left as it was (mode, device, dtype)."""
     check_supported(model)
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose one of {RUNTIMES}.")
@@ -161,7 +170,7 @@ def measure_latency(
         raise ValueError("batch_size and repeats must be >= 1.")
     threads = threads or torch.get_num_threads()
     inputs = example_inputs(model, batch_size, seq_len)
-    wrapper = _LogitsOnly(model.eval(), list(inputs))
+    wrapper = _LogitsOnly(copy.deepcopy(model).float().eval(), list(inputs))
     times = time_forward(wrapper, inputs, runtime, device, warmup, repeats, threads)
     on_cuda = runtime == "torch" and str(device).startswith("cuda")
     return LatencyResult(
@@ -178,12 +187,10 @@ def measure_latency(
 def compare_latency(dense: nn.Module, pruned: nn.Module, runs, repeats: int = 20, warmup: int = 5, seq_len: int | None = None) -> dict:
     """Median latency of a dense and a pruned model side by side, for each (runtime, device, batch size) in `runs`:
     {"<runtime>_<device>_batch<B>": {"dense": ms, "pruned": ms}}. Models are timed in float32 copies."""
-    import copy
-
     figures = {}
     for runtime, device, batch in runs:
         figures[f"{runtime}_{device}_batch{batch}"] = {
-            side: measure_latency(copy.deepcopy(model).float(), batch, runtime, device=device, seq_len=seq_len,
+            side: measure_latency(model, batch, runtime, device=device, seq_len=seq_len,
                                   repeats=repeats, warmup=warmup).median_ms
             for side, model in (("dense", dense), ("pruned", pruned))
         }
