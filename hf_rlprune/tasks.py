@@ -111,13 +111,17 @@ def load_model(task: str, model_name_or_path: str, **kwargs):
     return auto.from_pretrained(model_name_or_path, **kwargs)
 
 
-def load_tokenizer_if_any(model_name_or_path: str | None):
-    if model_name_or_path is None:
-        return None
+def load_checkpoint_tokenizer(model_name_or_path: str):
+    """The tokenizer saved with an LSTM checkpoint. Its embedding rows are indexed by that tokenizer's ids, so one
+    trained anew here would read them through other ids: a missing tokenizer is an error, never a silent retrain."""
     try:
         return AutoTokenizer.from_pretrained(model_name_or_path)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Cannot load the tokenizer of {model_name_or_path!r} ({error}). An LSTM checkpoint's embedding rows are indexed "
+            "by the tokenizer it was trained with: save that tokenizer beside the model (the folders scripts/prune.py "
+            "writes have it), or drop --model_name_or_path to train the model and its tokenizer here."
+        ) from error
 
 
 @torch.no_grad()

@@ -35,8 +35,8 @@ from hf_rlprune.tasks import (
     accuracy_metric,
     build_model,
     evaluate_accuracy,
+    load_checkpoint_tokenizer,
     load_model,
-    load_tokenizer_if_any,
     plan_optimizer,
     prepare_task,
     pretrain,
@@ -184,8 +184,8 @@ def main(argv=None):
     training.hub_token = None  # keeps the token out of the checkpoints' training_args.bin
     set_seed(training.seed)
 
-    tokenizer = load_tokenizer_if_any(script.model_name_or_path) if script.task == "imdb" else None
     model = load_model(script.task, script.model_name_or_path) if script.model_name_or_path else None
+    tokenizer = load_checkpoint_tokenizer(script.model_name_or_path) if model is not None and script.task == "imdb" else None
     if model is not None:
         check_budget(model, prune, training)
     task_data = prepare_task(script.task, script.dataset_dir, reward_size=script.reward_size if script.reward_size < 1 else int(script.reward_size),

@@ -167,3 +167,11 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
     prune = load_prune_script()
     with pytest.raises(ValueError, match="holds a 'rlprune-lstm' model"):
         prune.main(["--task", "cifar10", "--model_name_or_path", str(tmp_path / "lstm"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_lstm_checkpoint_without_its_tokenizer_is_rejected(tmp_path):
+    # Its embedding rows are indexed by the tokenizer it was trained with: never train a new one silently.
+    RLPruneLSTMForSequenceClassification(RLPruneLSTMConfig(vocab_size=20)).save_pretrained(tmp_path / "lstm")
+    prune = load_prune_script()
+    with pytest.raises(ValueError, match="(?s)Cannot load the tokenizer of .*save that tokenizer beside the model"):
+        prune.main(["--task", "imdb", "--model_name_or_path", str(tmp_path / "lstm"), "--output_dir", str(tmp_path / "out")])
