@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
 
 from .models import RLPruneCNNConfig
 from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, pruning_ratios, trade_off_score
@@ -25,6 +26,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         {"name": g.name, "kind": g.kind, "dense_width": g.width, "width": pruned_widths[g.name], "keep_ratio": pruned_widths[g.name] / g.width}
         for g in get_prunable_groups(dense_config)
     ]
+    has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in pruned_model.modules())
     report = {
         "model_type": dense_config.model_type,
         "method": config.method,
@@ -36,7 +38,9 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "seed": config.prune_seed,
         # how each candidate was scored: the reward's recipe, which the defaults no longer pin down across versions
         "reward_setup": {"refit": config.refit, "refit_ridge": config.refit_ridge if config.refit else None,
-                         "bn_recalibration_batches": config.bn_recalibration_batches, "recovery_steps": config.recovery_steps},
+                         # what ran: a model without batch norm had nothing to recalibrate
+                         "bn_recalibration_batches": config.bn_recalibration_batches if has_batch_norm else 0,
+                         "recovery_steps": config.recovery_steps},
         "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
         "layers": layers,
         "macs": {"dense": macs_before, "pruned": macs_after},

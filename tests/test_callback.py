@@ -285,11 +285,19 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
     assert recorder.holds_refit == [refit_applied]
     if refit_applied:
         assert recorder.accuracies == [record["reward_accuracy"]]
+    assert recorder.rlprune.report["reward_setup"]["bn_recalibration_batches"] == norm_batches
     if norm_batches:  # the statistics came with the weights: recomputed, not the round's running averages
+        assert "batch-norm statistics recomputed on 2 training batches" in (tmp_path / "pruned" / "README.md").read_text()
         assert len(recorder.rlprune._recovery_batches(0)) == max(norm_batches, recorder.rlprune._evaluator.refit_batches)
         evaluator = recorder.rlprune._evaluator
         carried = {name: value for name, value in evaluator.refitted_tensors(record["widths"]).items() if "running_var" in name}
         assert len(carried) == 2 and all(not torch.equal(value, evaluator._snapshot[name]) for name, value in carried.items())
+
+
+def test_the_report_records_batch_norm_recalibration_only_where_it_ran(tmp_path):
+    _, callback = train(tmp_path, prune_config(num_rounds=1, bn_recalibration_batches=3))  # TINY_CNN has no batch norm
+    assert callback.report["reward_setup"]["bn_recalibration_batches"] == 0
+    assert "batch-norm" not in (tmp_path / "pruned" / "README.md").read_text()
 
 
 def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeypatch, caplog):
