@@ -21,6 +21,7 @@ benchmark.py's arguments; its method, seed and search arguments do nothing here,
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -155,6 +156,7 @@ def main(argv=None) -> dict:
                "device": torch.cuda.get_device_name(0) if setup.device.type == "cuda" else "cpu",
                "dense_accuracy": setup.dense_accuracy, "policies": [run["report"]["policy"] for run in runs],
                "test_accuracies": accuracies, "reward_split_accuracies": held_out, "rows": rows, "table": "\n".join(lines)}
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(summary, handle, indent=1)
     return summary

@@ -51,7 +51,8 @@ def bench_model(name: str, args: BenchArguments) -> list[dict]:
     dense = reference_model(name)
     dense_macs = compute_macs(dense)
     rows, dense_latency = [], {}
-    for ratio in args.keep_ratios:
+    # the dense model first (timed even when not asked for): every speedup divides its latency
+    for ratio in [1.0] * (1.0 not in args.keep_ratios) + sorted(args.keep_ratios, reverse=True):
         model = reference_model(name)
         if ratio < 1.0:
             widths = widths_from_keep_ratios(model, {name: ratio for name in _group_names(model)})
@@ -67,6 +68,8 @@ def bench_model(name: str, args: BenchArguments) -> list[dict]:
                 if ratio == 1.0:
                     dense_latency[key] = result.median_ms
                 row["speedup"][key] = dense_latency[key] / result.median_ms
+        if ratio not in args.keep_ratios:
+            continue
         rows.append(row)
         print(f"{name} keep {ratio}: MACs {row['macs']:,} params {row['params']:,} " +
               " ".join(f"{k}={v:.2f}ms" for k, v in row["latency_ms"].items()), flush=True)

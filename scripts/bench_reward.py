@@ -31,7 +31,7 @@ class BenchRewardArguments:
     model: str = field(default="cnn", metadata={"help": "cnn (reference CIFAR-10 CNN) or lstm (reference IMDB LSTM)."})
     seq_len: int = field(default=512, metadata={"help": "LSTM only: tokens per example (the IMDB benchmark's max_length)."})
     candidates: int = field(default=16, metadata={"help": "Candidate allocations timed per setting."})
-    candidates_per_pass: list[int] = field(default_factory=lambda: [1, 8, 16], metadata={"help": "K values (1: one at a time)."})
+    candidates_per_pass: list[int] = field(default_factory=lambda: [1, 8, 16], metadata={"help": "K values (1: one at a time; always run first, as the reference)."})
     recovery_steps: int = field(default=40, metadata={"help": "Recovery steps per candidate (the CIFAR-10 benchmark's)."})
     refit_ridge: float | None = field(default=None, metadata={"help": "Refit the consumers first, at this ridge (unset: no refit)."})
     reward_batches: int = field(default=20, metadata={"help": "Batches of 128 in the reward split."})
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     candidates = [random_allocation(model, rng) for _ in range(args.candidates)]
     results, reference = {}, None
-    for per_pass in args.candidates_per_pass:
+    for per_pass in sorted(set(args.candidates_per_pass) | {1}):  # K=1 first: the reference every K is compared with
         evaluator = RewardEvaluator(reward_batches, recovery_batches, recovery_steps=args.recovery_steps, candidates_per_pass=per_pass,
                                     stack_candidates=per_pass > 1, autocast_dtype=autocast, refit_ridge=args.refit_ridge)
         evaluator.begin_round(model)

@@ -41,6 +41,7 @@ from hf_rlprune.tasks import (
     IndexDataset,
     KeepBestEpoch,
     build_model,
+    load_checkpoint_tokenizer,
     load_model,
     plan_optimizer,
     prepare_task,
@@ -259,7 +260,8 @@ def summarize(results: dict) -> dict:
             "search_seconds": float(np.mean([r["report"]["search"]["search_seconds"] for r in runs])),
             "total_seconds": float(np.mean([r["report"]["search"]["total_seconds"] for r in runs])),
             "latency_ms": latency,
-            "keep_ratios": first["policy"],
+            "keep_ratios": first["policy"],  # one seed's allocation: the seeds of a search method differ
+            "keep_ratios_seed": runs[0]["seed"],
         })
     fidelity = {}
     for budget in sorted({r["budget"] for r in results["runs"]}, reverse=True):
@@ -275,7 +277,7 @@ def markdown(results: dict, summary: dict) -> str:
         f"**{results['name']}** on {results['device']}: dense test accuracy {100 * dense['accuracy']:.2f}%, "
         f"{dense['macs']:,} MACs, {dense['params']:,} params; pre-training {dense['pretrain_seconds']:.0f} s.",
         "",
-        "| budget | method | test acc. (mean ± std) | Δ vs dense | MACs | params | units removed | acc./GFLOP | reward evals | search s | total s | ORT CPU b1 / b128 ms | GPU b128 ms | keep ratios |",
+        "| budget | method | test acc. (mean ± std) | Δ vs dense | MACs | params | units removed | acc./GFLOP | reward evals | search s | total s | ORT CPU b1 / b128 ms | GPU b128 ms | keep ratios (one seed) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
@@ -283,6 +285,7 @@ def markdown(results: dict, summary: dict) -> str:
         ort = " / ".join(f"{latency[k]['pruned']:.2f}" for k in ("onnxruntime_cpu_batch1", "onnxruntime_cpu_batch128") if k in latency) or "–"
         gpu = f"{latency['torch_cuda_batch128']['pruned']:.2f}" if "torch_cuda_batch128" in latency else "–"
         ratios = ", ".join(f"{v:.2f}" for v in row["keep_ratios"].values())
+        ratios += f" (seed {row['keep_ratios_seed']})" if "keep_ratios_seed" in row else ""
         lines.append(
             f"| {row['budget']:.2f}{' latency' if row['method'].endswith('_latency') else ''} | {row['method']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
             f"| {100 * (row['accuracy_mean'] - dense['accuracy']):+.2f} | {row['macs']:,.0f} ({row['macs_ratio']:.3f}) | {row['params']:,.0f} "
@@ -436,8 +439,10 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     set_seed(0)
+    # a loaded LSTM reads its tokens through the tokenizer saved with it, never one trained anew on other data
+    tokenizer = load_checkpoint_tokenizer(args.dense_model_path) if args.dense_model_path and args.task == "imdb" else None
     data = prepare_task(args.task, args.dataset_dir, reward_size=args.reward_size, seed=0,
-                        max_train_samples=args.max_train_samples, max_length=args.max_length)
+                        max_train_samples=args.max_train_samples, max_length=args.max_length, tokenizer=tokenizer)
     pad_token_id = getattr(data.processing_class, "pad_token_id", None) or 0
     tensors = {split: task_tensors(getattr(data, split), device, pad_token_id) for split in ("train", "reward", "test")}
     name = args.task if args.task == "imdb" or args.model_preset == "reference" else f"{args.task}-{args.model_preset}"

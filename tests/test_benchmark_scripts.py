@@ -48,8 +48,8 @@ def test_fidelity_rescores_the_benchmarks_random_allocations(tmp_path, cifar_dir
 
     summary = bench_fidelity.main(common + ["--dense_model_path", dense_dir, "--policies_from", str(policies), "--fidelity_recovery_steps", "0", "4",
                                             "--fidelity_refit_ridges", "0.1", "--fidelity_bn_recalibration_batches", "0", "2",
-                                            "--output", str(tmp_path / "fidelity.json")])
-    written = json.loads((tmp_path / "fidelity.json").read_text())
+                                            "--output", str(tmp_path / "new" / "fidelity.json")])  # a folder not there yet
+    written = json.loads((tmp_path / "new" / "fidelity.json").read_text())
     assert [row["rewards"] for row in written["rows"]] == [row["rewards"] for row in summary["rows"]]
     assert summary["test_accuracies"] == [run["test_accuracy"] for run in runs]
     assert [(row["refit_ridge"], row["bn_recalibration_batches"], row["recovery_steps"]) for row in summary["rows"]] == [
@@ -310,3 +310,34 @@ def test_a_cards_command_runs_on_its_own(scripts):
     assert benchmark.portable_command(command, "cifar10") == (
         "python scripts/benchmark.py --task cifar10 --dataset_dir ../shared/data/cifar10 --save_dense_to outputs/dense-cifar10 "
         "--budgets 0.5 --seeds 2")
+
+
+def test_a_loaded_lstm_reads_its_tokens_through_its_own_tokenizer(tmp_path, scripts):
+    # --dense_model_path with other data arguments (here fewer training rows) must not retrain the word ids.
+    from hf_rlprune.data import make_synthetic_imdb
+
+    benchmark, _ = scripts
+    (tmp_path / "imdb" / "plain_text").mkdir(parents=True)
+    for split, dataset in make_synthetic_imdb(300, 100, seed=0).items():
+        dataset.to_parquet(str(tmp_path / "imdb" / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    common = dict(task="imdb", dataset_dir=str(tmp_path / "imdb"), batch_size=32, max_length=32)
+    trained = benchmark.setup_task(benchmark.BenchmarkArguments(**common, pretrain_epochs=2, save_dense_to=str(tmp_path / "dense")))
+    loaded = benchmark.setup_task(benchmark.BenchmarkArguments(**common, dense_model_path=str(tmp_path / "dense"), max_train_samples=120))
+    assert torch.equal(loaded.tensors["test"]["input_ids"], trained.tensors["test"]["input_ids"])
+    assert loaded.dense_accuracy == trained.dense_accuracy
+
+
+def test_bench_pruning_times_the_dense_model_whatever_ratios_are_asked(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench_pruning = importlib.import_module("bench_pruning")
+    from hf_rlprune.pruning import LatencyResult, compute_macs
+
+    def fake_latency(model, batch_size, runtime, device="cpu", **kwargs):  # proportional to MACs: speedup = MACs reduction
+        return LatencyResult(runtime, device, batch_size, compute_macs(model) / 1e6, 0.0, 1, 1)
+
+    monkeypatch.setattr(bench_pruning, "measure_latency", fake_latency)
+    monkeypatch.setattr(bench_pruning, "runtimes", lambda: [("torch", "cpu")])
+    rows = bench_pruning.bench_model("cnn", bench_pruning.BenchArguments(keep_ratios=[0.5, 0.3], batch_sizes=[1], output=str(tmp_path / "x.json")))
+    assert [row["keep_ratio"] for row in rows] == [0.5, 0.3]  # the dense model was timed, not reported
+    for row in rows:
+        assert row["speedup"]["torch_cpu_b1"] == pytest.approx(row["macs_reduction"])
