@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from torch import nn
 
 from .models import RLPruneCNNConfig
 from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, pruning_ratios, trade_off_score
+from .pruning.refit import batch_norms
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 REPORT_FILE = "pruning_report.json"
@@ -26,7 +26,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         {"name": g.name, "kind": g.kind, "dense_width": g.width, "width": pruned_widths[g.name], "keep_ratio": pruned_widths[g.name] / g.width}
         for g in get_prunable_groups(dense_config)
     ]
-    has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in pruned_model.modules())
+    has_batch_norm = bool(batch_norms(pruned_model))
     report = {
         "model_type": dense_config.model_type,
         "method": config.method,

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 from .batched_lstm import is_stackable_lstm, stackable_lstms
 from .pruning import TaylorAccumulator, apply_masks, get_masks, mask_multipliers, masks_from_widths, remove_masks
-from .pruning.refit import recalibrate_batch_norm, refit_consumers, reference_outputs
+from .pruning.refit import batch_norms, recalibrate_batch_norm, refit_consumers, reference_outputs
 
 
 def supports_stacked_candidates(model: nn.Module) -> bool:
@@ -186,8 +186,9 @@ class RewardEvaluator:
         scratch, names = self._masked(widths)
         tensors = {name: scratch.get_parameter(name) for name in names}
         if self.bn_recalibration_batches:
+            norms = {id(norm) for norm in batch_norms(scratch)}
             tensors.update({name: buffer for name, buffer in scratch.named_buffers()
-                            if isinstance(scratch.get_submodule(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)})
+                            if id(scratch.get_submodule(name.rpartition(".")[0])) in norms})
         return {name: value.detach().cpu().clone() for name, value in tensors.items()}
 
     def masked_copy(self, widths: dict[str, int]) -> nn.Module:

@@ -119,8 +119,8 @@ def load_checkpoint_tokenizer(model_name_or_path: str):
     except (OSError, ValueError) as error:
         raise ValueError(
             f"Cannot load the tokenizer of {model_name_or_path!r} ({error}). An LSTM checkpoint's embedding rows are indexed "
-            "by the tokenizer it was trained with: save that tokenizer beside the model (the folders scripts/prune.py "
-            "writes have it), or drop --model_name_or_path to train the model and its tokenizer here."
+            "by the tokenizer it was trained with: save that tokenizer beside the model (the folders scripts/prune.py and "
+            "benchmark.py --save_dense_to write have it), or train the model and its tokenizer here instead of loading them."
         ) from error
 
 

@@ -265,6 +265,11 @@ def _refit_slice(model, module_name, module, group, slice_, keep, rows, target, 
     return [slice_.name, f"{module_name}.{bias_name}"]
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's batch norms that keep running statistics (what `recalibrate_batch_norm` recomputes)."""
+    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, batches: list[dict], autocast=None) -> int:
     """Recompute every batch norm's running mean and variance as the masked (and refitted) `model`'s own statistics
@@ -272,8 +277,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: list[dict], autocast=None)
     stale statistics then dominate the accuracy a candidate is ranked by. Only the norms run in training mode (dropout
     stays off); the statistics are plain averages over the batches (momentum None). Returns how many norms were
     recalibrated (0: the model has none, and nothing ran)."""
-    norms = [module for module in model.modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+    norms = batch_norms(model)
     if not norms:
         return 0
     was_training, momenta = model.training, [norm.momentum for norm in norms]
