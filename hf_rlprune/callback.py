@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy, run_search
+from .atomic import atomic_write
 from .config import RLPruneConfig
 from .env import OBSERVATION_FEATURES, PruningEnv, PruningVectorEnv
 from .pruning import (
@@ -456,9 +457,9 @@ class RLPruneCallback(TrainerCallback):
             "taylor_steps": str(self.taylor.steps if self.taylor else 0),
             "dense_config": self.dense_config.to_json_string(),
         }
-        _atomic_save(lambda path: save_file(tensors or {"empty": torch.zeros(0)}, path, metadata=metadata), os.path.join(directory, STATE_FILE))
+        atomic_write(lambda path: save_file(tensors or {"empty": torch.zeros(0)}, path, metadata=metadata), os.path.join(directory, STATE_FILE))
         if self.agent is not None:
-            _atomic_save(self.agent.save, os.path.join(directory, AGENT_FILE))
+            atomic_write(self.agent.save, os.path.join(directory, AGENT_FILE))
 
     def _load_state_file(self, directory: str):
         path = os.path.join(directory, STATE_FILE)
@@ -524,10 +525,3 @@ def masks_digest(masks: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(bytes(masks[name].to(torch.uint8).cpu().tolist()))
     return digest.hexdigest()[:12]
-
-
-def _atomic_save(write, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)

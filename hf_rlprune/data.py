@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 
+from .atomic import atomic_write
+
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMDB_LABELS = ("neg", "pos")
 
@@ -338,10 +340,7 @@ def images_to_tensor(
     if cache_path is not None:
         from safetensors.torch import save_file
 
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        partial_path = cache_path.with_suffix(f".{os.getpid()}.partial")
-        save_file({"images": images, "labels": labels}, partial_path)
-        os.replace(partial_path, cache_path)  # atomic: a concurrent reader never sees half a file
+        atomic_write(lambda tmp: save_file({"images": images, "labels": labels}, tmp), cache_path)  # readers never see half a file
     return images, labels
 
 

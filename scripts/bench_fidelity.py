@@ -21,7 +21,6 @@ benchmark.py's arguments; its method, seed and search arguments do nothing here,
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from transformers import HfArgumentParser
 
 from benchmark import BenchmarkArguments, setup_task, spearman  # scripts/ is on sys.path when run as a script
 from hf_rlprune import RLPruneConfig
+from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.pruning import widths_from_keep_ratios
 from hf_rlprune.reward import RewardEvaluator, take_batches
 from hf_rlprune.tasks import DeviceBatchCollator, IndexDataset
@@ -156,9 +156,7 @@ def main(argv=None) -> dict:
                "device": torch.cuda.get_device_name(0) if setup.device.type == "cuda" else "cpu",
                "dense_accuracy": setup.dense_accuracy, "policies": [run["report"]["policy"] for run in runs],
                "test_accuracies": accuracies, "reward_split_accuracies": held_out, "rows": rows, "table": "\n".join(lines)}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(summary, handle, indent=1)
+    write_text_atomic(args.output, json.dumps(summary, indent=1))
     return summary
 
 

@@ -41,6 +41,7 @@ import torch
 from transformers import AutoConfig, HfArgumentParser
 
 from hf_rlprune import PruningEnv, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.pruning import LatencyTable, compute_macs, config_with_widths, get_prunable_groups, measure_latency
 from hf_rlprune.tasks import CNN_PRESETS
 
@@ -298,10 +299,8 @@ def main(argv=None):
 
 
 def write_output(args: BenchLatencyArguments, results: dict) -> None:
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump({"arguments": vars(args), "threads": args.threads or torch.get_num_threads(), "load_average": os.getloadavg(), **results},
-                  handle, indent=2)
+    write_text_atomic(args.output, json.dumps({"arguments": vars(args), "threads": args.threads or torch.get_num_threads(),
+                                               "load_average": os.getloadavg(), **results}, indent=2))
 
 
 if __name__ == "__main__":

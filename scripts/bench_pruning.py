@@ -10,13 +10,13 @@ into real speed (1.0 = all of it). Weights are random: latency does not depend o
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
+from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.pruning import apply_masks, compact, compute_macs, count_parameters, masks_from_widths, measure_latency, widths_from_keep_ratios
 
 
@@ -99,10 +99,8 @@ def main(argv=None):
     rows = [row for name in args.models for row in bench_model(name, args)]
     table = markdown_table(rows)
     print(table)
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    with open(args.output, "w") as handle:
-        json.dump({"device": device, "cpu_threads": torch.get_num_threads(), "rows": rows, "table": table}, handle, indent=2)
+    write_text_atomic(args.output, json.dumps({"device": device, "cpu_threads": torch.get_num_threads(), "rows": rows, "table": table}, indent=2))
     return rows
 
 

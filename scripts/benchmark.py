@@ -32,6 +32,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
+from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
 from hf_rlprune.tasks import (
@@ -372,11 +373,9 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
     results["summary"] = summary
     os.makedirs(args.output_dir, exist_ok=True)
     base = os.path.join(args.output_dir, results["name"])
-    with open(base + ".json", "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_text_atomic(base + ".json", json.dumps(results, indent=1))
     table = markdown(results, summary)
-    with open(base + ".md", "w") as handle:
-        handle.write(table + "\n")
+    write_text_atomic(base + ".md", table + "\n")
     plot(results, summary, base + ".png")
     print(table)
     # cards of the best pruned model per budget (highest test accuracy among the searched runs)
@@ -501,8 +500,8 @@ def main(argv=None):
             for index, seed in enumerate(args.seeds):
                 results["runs"].append(run_one(args, dense, {"dense_accuracy": setup.dense_accuracy}, setup.tensors, method, budget, seed,
                                                device, setup.autocast, measure_latency_now=index < args.latency_runs))
-                with open(os.path.join(args.output_dir, f"{name}.partial.json"), "w") as handle:  # survives a cut-off run
-                    json.dump(results, handle)
+                # survives a cut-off run, even one cut off while writing it
+                write_text_atomic(os.path.join(args.output_dir, f"{name}.partial.json"), json.dumps(results))
     return write_outputs(results, args)
 
 

@@ -18,7 +18,6 @@ Three measurements, printed and written to `--output`:
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import HfArgumentParser
 
 from hf_rlprune import RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification, apply_masks, compact, masks_from_widths
+from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.models.rlprune_lstm import modeling_rlprune_lstm
 
 
@@ -159,9 +159,7 @@ def main(argv=None) -> dict:
         results["float16_weights"][hidden_size] = {"no_autocast": plain, "bf16_autocast": autocast}
         print(f"   hidden {hidden_size}: {plain:.4f} without autocast, {autocast:.4f} under bf16 autocast")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_text_atomic(args.output, json.dumps(results, indent=1))
     return results
 
 

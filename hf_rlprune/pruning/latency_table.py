@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
 from .groups import check_supported, config_with_widths, get_prunable_groups
 from .latency import RUNTIMES, _LogitsOnly, example_inputs, time_forward
@@ -332,12 +333,7 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON (atomically: a concurrent reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_key: dict | None = None) -> "LatencyTable":
