@@ -134,11 +134,20 @@ def test_observations_are_normalized_and_describe_the_group():
     obs, _ = env.reset()
     features = dict(zip(OBSERVATION_FEATURES, obs))
     assert features["is_conv"] == 1.0 and features["index"] == 0.0 and features["previous_action"] == 1.0
+    assert features["budget"] == 0.5 and features["max_keep"] == 1.0 and features["cost_removed"] == 0.0
+    # what cutting every group to its minimum would remove
+    assert features["cost_ahead"] == pytest.approx(1 - env.cost(env.min_widths) / env.dense_cost, abs=1e-6)
     obs, *_ = env.step(np.array([0.3]))
     features = dict(zip(OBSERVATION_FEATURES, obs))
     assert features["index"] == 0.5 and features["previous_action"] == pytest.approx(0.3)
-    assert features["cost_removed"] > 0
+    first_width = env._widths[0]
+    assert features["cost_removed"] == pytest.approx(1 - env.cost([first_width] + env.dense_widths[1:]) / env.dense_cost, abs=1e-6)
     assert env.observation_space.shape == (len(OBSERVATION_FEATURES),)
+    # a group earlier rounds cut to half is capped there, and the agent sees the cap
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[8, 16], hidden_sizes=[32], image_size=8))
+    apply_masks(model, masks_from_widths(model, {"conv_blocks.0": 4}))
+    obs, _ = PruningEnv(model, constant_accuracy, target=0.25).reset()
+    assert dict(zip(OBSERVATION_FEATURES, obs))["max_keep"] == 0.5 and dict(zip(OBSERVATION_FEATURES, obs))["budget"] == 0.25
 
 
 def test_masks_on_the_model_cap_each_group():

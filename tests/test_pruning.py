@@ -251,6 +251,10 @@ def test_importance_criteria():
     random_a = masks_from_widths(model, {"conv_blocks.0": 3}, criterion="random", seed=7)
     random_b = masks_from_widths(model, {"conv_blocks.0": 3}, criterion="random", seed=7)
     assert torch.equal(random_a["conv_blocks.0"], random_b["conv_blocks.0"])
+    # other seeds, other units: random ignores the weights (L1 would keep channels 4 and 5 every time)
+    drawn = {tuple(masks_from_widths(model, {"conv_blocks.0": 3}, criterion="random", seed=seed)["conv_blocks.0"].tolist())
+             for seed in range(6)}
+    assert len(drawn) >= 3
     with pytest.raises(ValueError, match="TaylorAccumulator"):
         masks_from_widths(model, {"conv_blocks.0": 3}, criterion="taylor")
     with pytest.raises(ValueError, match="Unknown importance criterion 'l3'"):
@@ -281,6 +285,10 @@ def test_rounds_prune_nested_sets():
     for name, mask in second.items():
         assert torch.all(first[name] | ~mask), name  # every unit kept now was kept before
     assert masked_widths(model) == {"conv_blocks.0": 3, "conv_blocks.1": 4, "hidden_layers.0": 5}
+    # random scores ignore the zeroed weights, so only the rule (masked units rank last) keeps these nested
+    for seed in range(4):
+        drawn = masks_from_widths(model, widths_from_keep_ratios(model, [0.34, 0.25, 0.3]), criterion="random", seed=seed)
+        assert all(torch.all(first[name] | ~mask) for name, mask in drawn.items()), seed
     # a group a later round leaves out keeps its width: nothing an earlier round pruned revives
     third = masks_from_widths(model, {"hidden_layers.0": 2})
     assert {name: int(mask.sum()) for name, mask in third.items()} == {"conv_blocks.0": 3, "conv_blocks.1": 4, "hidden_layers.0": 2}

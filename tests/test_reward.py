@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
-from hf_rlprune.pruning import apply_masks, masks_from_widths
+from hf_rlprune.pruning import apply_masks, get_masks, masks_from_widths
 from hf_rlprune.reward import RewardEvaluator, supports_stacked_candidates, take_batches
 
 CANDIDATES = [
@@ -83,6 +83,14 @@ def test_candidates_nest_inside_the_rounds_masks(trained_cnn):
     reward.begin_round(trained_cnn)
     same, wider_than_alive = reward.evaluate_batch([{"conv_blocks.0": 4}, {"conv_blocks.0": 8}])
     assert same == wider_than_alive
+    # Random importance ignores the zeroed weights: only the round's masks, re-applied to every candidate, keep it nested.
+    round_mask = get_masks(trained_cnn)["conv_blocks.0"]
+    random_order = RewardEvaluator(quadrant_batches(1, 64, seed=2), importance="random")
+    random_order.begin_round(trained_cnn)
+    for seed in range(5):
+        random_order.seed = seed
+        kept = get_masks(random_order.masked_copy({"conv_blocks.0": 3}))["conv_blocks.0"]
+        assert int(kept.sum()) == 3 and not torch.any(kept & ~round_mask), seed
 
 
 def counting_batches(num_batches, batch_size, seed, vocab_size=20, steps=12):
