@@ -106,16 +106,22 @@ def test_same_seed_same_decisions_and_other_methods(tmp_path):
     assert uniform.history[-1]["macs_ratio"] <= 0.3 and random.history[-1]["macs_ratio"] <= 0.3
 
 
-def test_resumed_run_makes_the_same_decisions(tmp_path):
-    _, uninterrupted = train(tmp_path / "full", save_strategy="steps", save_steps=8)
+@pytest.mark.parametrize("importance", ["l1", "taylor"])  # Taylor scores accumulate over steps: they must be resumed too
+def test_resumed_run_makes_the_same_decisions(tmp_path, importance):
+    _, uninterrupted = train(tmp_path / "full", prune_config(importance=importance), save_strategy="steps", save_steps=8)
     checkpoint = tmp_path / "full" / "checkpoint-8"
     assert (checkpoint / STATE_FILE).exists() and (checkpoint / "rlprune_agent.safetensors").exists()
     # a second run, writing elsewhere, resumes from step 8: after round 1 (step 4), before round 2 (step 12)
-    _, resumed = train(tmp_path / "resumed", resume=str(checkpoint), save_strategy="steps", save_steps=8)
+    _, resumed = train(tmp_path / "resumed", prune_config(importance=importance), resume=str(checkpoint), save_strategy="steps", save_steps=8)
     assert [h["masks_sha1"] for h in resumed.history] == [h["masks_sha1"] for h in uninterrupted.history]
     assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
     assert resumed.reward_evaluations == uninterrupted.reward_evaluations == 8  # the count carried over the resume
     assert resumed.report["search"]["reward_evaluations"] == 8
+    if importance == "taylor":  # the accumulated scores went through the checkpoint: the same sums at the end
+        assert resumed.taylor.steps == uninterrupted.taylor.steps > 0
+        assert resumed.taylor.scores.keys() == uninterrupted.taylor.scores.keys()
+        for name, scores in uninterrupted.taylor.scores.items():
+            assert torch.allclose(resumed.taylor.scores[name], scores, rtol=1e-4, atol=1e-8), name
 
 
 def test_gradient_accumulation_mixed_precision_eval_and_best_model(tmp_path):
