@@ -208,11 +208,11 @@ DDP_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     sys.path.insert(0, sys.argv[2])
-    from test_callback import train
-    from hf_rlprune.pruning import get_masks
+    from test_callback import prune_config, train
     out = sys.argv[1]
-    trainer, callback = train(out, ddp_backend="gloo")
     rank = int(os.environ["RANK"])
+    # Each rank gets its own search seed: only rank 0's search may count, so the ranks agree only if it is broadcast.
+    trainer, callback = train(out, prune_config(prune_seed=rank), ddp_backend="gloo")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"history": [h["masks_sha1"] for h in callback.history], "widths": trainer.model.config.conv_channels}, handle)
     """
