@@ -3,6 +3,7 @@ reference models, pre-training with the plan's recipe, and test accuracy.
 """
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,6 +158,25 @@ def plan_optimizer(model, learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DEC
     """The plan's pre-training optimizer and schedule: Adam, lr / (1 + decay * step)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     return optimizer, inverse_time_decay(optimizer, lr_decay)
+
+
+def plan_then_finetune_optimizer(model, pretrain_steps: int, finetune_steps: int, finetune_lr: float,
+                                 learning_rate=PLAN_LEARNING_RATE, lr_decay=PLAN_LR_DECAY):
+    """Pre-training and then fine-tuning in one run: Adam at the plan's lr / (1 + decay * step) for `pretrain_steps`,
+    then `finetune_lr` on a cosine to 0 over `finetune_steps`, the Trainer's fine-tuning schedule (Adam's moments carry
+    over). A model pruned while it trains gets the same two recipes that pre-training and then fine-tuning get."""
+    if pretrain_steps < 0 or finetune_steps < 1 or not finetune_lr > 0:
+        raise ValueError(f"pretrain_steps = {pretrain_steps} must be >= 0, finetune_steps = {finetune_steps} >= 1 and "
+                         f"finetune_lr = {finetune_lr} > 0.")
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+
+    def factor(step: int) -> float:
+        if step < pretrain_steps:
+            return 1.0 / (1.0 + lr_decay * step)
+        progress = min(1.0, (step - pretrain_steps) / finetune_steps)
+        return finetune_lr / learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class KeepBestEpoch(TrainerCallback):

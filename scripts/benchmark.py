@@ -45,6 +45,7 @@ from hf_rlprune.tasks import (
     load_checkpoint_tokenizer,
     load_model,
     plan_optimizer,
+    plan_then_finetune_optimizer,
     prepare_task,
     task_tensors,
     tensor_accuracy,
@@ -73,12 +74,18 @@ class BenchmarkArguments:
         default=False,
         metadata={"help": "Each run starts from a fresh initialization (its seed) instead of the dense model and trains for "
                           "pretrain_epochs + finetune_epochs with the plan's pre-training recipe (Adam lr 1e-3, lr decay 1e-4; "
-                          "finetune_lr is not used), the "
+                          "finetune_lr is not used unless while_pretraining_lr says so), the "
                           "callback pruning on its schedule (start_fraction/end_fraction of that whole run): the same total "
                           "training as pre-training plus one-shot fine-tuning. The dense model is still pre-trained (or "
                           "loaded) as the reference; oneshot then trains the uniformly narrowed model from scratch. Results are named "
                           "<task>-while-pretraining."},
     )
+    while_pretraining_lr: str = field(
+        default="plan",
+        metadata={"help": "With prune_while_pretraining: 'plan' uses the plan's pre-training schedule for all pretrain_epochs + "
+                          "finetune_epochs; 'plan_then_finetune' uses it for pretrain_epochs, then the fine-tuning recipe "
+                          "(finetune_lr on a cosine to 0) for the last finetune_epochs, the two schedules that pre-training "
+                          "and then fine-tuning get."})
     select_best_epoch: bool = field(
         default=False,
         metadata={"help": "Keep the fine-tuning epoch with the best reward-split accuracy (among epochs after the last pruning "
@@ -192,7 +199,12 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
     if args.prune_while_pretraining:  # a fresh model trained with the pre-training recipe for as long as pre-training + fine-tuning
         model = type(dense)(copy.deepcopy(dense.config)).to(device)
         epochs, learning_rate = args.pretrain_epochs + args.finetune_epochs, PLAN_LEARNING_RATE
-        optimizers = plan_optimizer(model)
+        if args.while_pretraining_lr == "plan_then_finetune":
+            steps_per_epoch = len(tensors["train"]["labels"]) // args.batch_size  # the Trainer drops the last partial batch
+            optimizers = plan_then_finetune_optimizer(model, round(args.pretrain_epochs * steps_per_epoch),
+                                                      round(args.finetune_epochs * steps_per_epoch), args.finetune_lr)
+        else:
+            optimizers = plan_optimizer(model)
     else:
         model = copy.deepcopy(dense).to(device)
     callback = RLPruneCallback(prune_config(args, method, budget, seed), reward_dataset=IndexDataset(len(tensors["reward"]["labels"])),
@@ -471,6 +483,8 @@ def main(argv=None):
         return write_outputs(merge_results(args.report_only), args)
     if args.refit_applied and args.refit_ridge is None:
         raise ValueError("--refit_applied True needs --refit_ridge (e.g. 0.01): without it the benchmark does not refit.")
+    if args.while_pretraining_lr not in ("plan", "plan_then_finetune"):
+        raise ValueError(f"--while_pretraining_lr {args.while_pretraining_lr!r}: choose 'plan' or 'plan_then_finetune'.")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")

@@ -206,11 +206,13 @@ def test_lstm_width_outliers_counts_runs_per_compacted_shape(tmp_path, monkeypat
     assert "a multiple of 8, not of 32 (40-184): False  input size multiple of 8: True   runs:   1  below 0.84 test: 0" in printed  # 64
 
 
-def test_benchmark_refuses_refit_applied_without_a_refit(monkeypatch):
+def test_benchmark_refuses_bad_settings_before_loading_data(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     benchmark = importlib.import_module("benchmark")
     with pytest.raises(ValueError, match="--refit_applied True needs --refit_ridge"):
         benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
+    with pytest.raises(ValueError, match="--while_pretraining_lr 'cosine': choose 'plan' or 'plan_then_finetune'"):
+        benchmark.main(["--task", "cifar10", "--while_pretraining_lr", "cosine"])
 
 
 def test_width_multiple_reaches_every_method(scripts):
@@ -300,6 +302,14 @@ def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts,
     optimizer, scheduler = seen["optimizers"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert scheduler.lr_lambdas[0](10_000) == pytest.approx(1 / (1 + 1e-4 * 10_000))  # the plan's decay
+    # plan_then_finetune: the plan's decay for the 7 pre-training epochs (2 steps each), then finetune_lr's cosine over 3
+    args = benchmark.BenchmarkArguments(prune_while_pretraining=True, pretrain_epochs=7, finetune_epochs=3, batch_size=2,
+                                        finetune_lr=4e-4, while_pretraining_lr="plan_then_finetune")
+    with pytest.raises(RuntimeError, match="stop"):
+        benchmark.run_one(args, dense, {"dense_accuracy": 0.5}, tensors, "uniform", 0.5, 0, torch.device("cpu"), None, False)
+    factor = seen["optimizers"][1].lr_lambdas[0]
+    assert factor(13) == pytest.approx(1 / (1 + 1e-4 * 13)) and factor(14) == pytest.approx(0.4)
+    assert factor(17) == pytest.approx(0.2) and factor(20) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_cards_command_runs_on_its_own(scripts):

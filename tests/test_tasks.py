@@ -6,7 +6,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_rlprune.tasks import KeepBestEpoch, build_model, evaluate_accuracy, prepare_task, pretrain, task_tensors, tensor_accuracy, train_on_tensors
+from hf_rlprune.tasks import (
+    KeepBestEpoch,
+    build_model,
+    evaluate_accuracy,
+    plan_then_finetune_optimizer,
+    prepare_task,
+    pretrain,
+    task_tensors,
+    tensor_accuracy,
+    train_on_tensors,
+)
 
 
 def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_path):
@@ -60,3 +70,20 @@ def test_the_lean_training_loop_keeps_the_best_epoch_and_stops_after_patience():
     assert len(history) < 6 and max(history[-2:]) <= max(history[:-2])  # stopped after 2 epochs without a gain
     assert history[-1] < max(history)  # so the best epoch's weights had to be restored
     assert tensor_accuracy(model, reward) == max(history)
+
+
+def test_plan_then_finetune_schedule_switches_recipes_at_the_end_of_pretraining():
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = plan_then_finetune_optimizer(model, pretrain_steps=100, finetune_steps=20, finetune_lr=5e-4,
+                                                        learning_rate=1e-3, lr_decay=1e-2)
+    rates = []
+    for _ in range(121):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-3) and rates[99] == pytest.approx(1e-3 / (1 + 1e-2 * 99))  # the plan's decay
+    assert rates[100] == pytest.approx(5e-4)  # the fine-tuning recipe starts at its own learning rate ...
+    assert rates[110] == pytest.approx(2.5e-4) and rates[120] == pytest.approx(0.0, abs=1e-12)  # ... on a cosine to 0
+    assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
+    with pytest.raises(ValueError, match="finetune_steps = 0 >= 1"):
+        plan_then_finetune_optimizer(model, pretrain_steps=10, finetune_steps=0, finetune_lr=1e-3)
