@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -206,6 +207,8 @@ class RLPruneCallback(TrainerCallback):
                 "Pass a map-style dataset (e.g. load_dataset(..., streaming=False)), or set refit=False, recovery_steps=0 "
                 "and bn_recalibration_batches=0."
             )
+        if cfg.save_on_train_end and state.is_world_process_zero:
+            self._check_save_dir(args)
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
@@ -270,6 +273,18 @@ class RLPruneCallback(TrainerCallback):
 
             save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class)
+
+    def _check_save_dir(self, args) -> None:
+        """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""
+        from .card import check_save_dir
+
+        save_dir = check_save_dir(self.config.save_dir or os.path.join(args.output_dir, "pruned"))
+        output_dir = Path(args.output_dir).expanduser().resolve()
+        if save_dir == output_dir or save_dir in output_dir.parents:
+            raise ValueError(
+                f"save_dir {str(save_dir)!r} holds the Trainer's output_dir, where checkpoints are written, and saving the "
+                "pruned model replaces the whole folder. Name a folder of its own, e.g. <output_dir>/pruned (the default)."
+            )
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batch_count(self) -> int:

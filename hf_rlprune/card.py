@@ -200,15 +200,36 @@ def plot_accuracy_vs_macs(report: dict, path: str) -> bool:
     return True
 
 
+def check_save_dir(save_dir) -> Path:
+    """`save_dir` as an absolute path, if saving may replace it: it does not exist, is empty, or holds a pruned model
+    saved before (its pruning_report.json). Any other folder is refused, since the save replaces the whole folder."""
+    save_dir = Path(save_dir).expanduser().resolve()
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ValueError(f"save_dir {str(save_dir)!r} is a file; name a folder for the pruned model.")
+    cwd = Path.cwd().resolve()
+    if save_dir == cwd or save_dir in cwd.parents:
+        raise ValueError(f"save_dir {str(save_dir)!r} holds the current working directory, and saving replaces the whole "
+                         "folder; name a folder of its own, e.g. ./pruned.")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (save_dir / REPORT_FILE).is_file():
+        entries = sorted(entry.name for entry in save_dir.iterdir())
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"save_dir {str(save_dir)!r} already holds other files ({shown}) and no {REPORT_FILE}, so it is not a pruned "
+            "model saved before; saving replaces the whole folder. Name a new or empty folder (e.g. <output_dir>/pruned)."
+        )
+    return save_dir
+
+
 def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo_id: str | None = None,
                       reproduce_command: str | None = None, dataset_name: str | None = None) -> Path:
     """Write the pruned model folder atomically: model (safetensors + config with widths + model code), its
     tokenizer or image processor, pruning_report.json, the accuracy-vs-MACs plot and the card as README.md.
 
     Everything is written to a sibling temporary folder that then replaces `save_dir` by rename, so an interrupted
-    save leaves the previous folder (or none), never a half-written model.
+    save leaves the previous folder (or none), never a half-written model. Only a new or empty folder, or one holding a
+    pruned model saved before, is replaced (`check_save_dir`).
     """
-    save_dir = Path(save_dir)
+    save_dir = check_save_dir(save_dir)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = save_dir.parent / f".{save_dir.name}.tmp-{os.getpid()}"
     old = save_dir.parent / f".{save_dir.name}.old-{os.getpid()}"

@@ -257,13 +257,21 @@ def main(argv=None):
             os.replace(tmp, os.path.join(save_dir, "model.onnx"))
         print(json.dumps({"output": save_dir, "accuracy": report["accuracy"], "macs": report["macs"], "params": report["params"]}, indent=2))
         if push:
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=hub_token)
-            api.create_repo(hub_model_id, exist_ok=True)
-            api.upload_folder(folder_path=save_dir, repo_id=hub_model_id, commit_message="Upload pruned model (hf_rlprune)")
-            logger.info("Pushed %s to %s", save_dir, hub_model_id)
+            push_pruned_folder(save_dir, hub_model_id, hub_token, private=training.hub_private_repo, revision=training.hub_revision)
     return callback.report
+
+
+def push_pruned_folder(save_dir: str, repo_id: str, token: str | None, private: bool | None = None, revision: str | None = None):
+    """Upload the pruned model folder to `repo_id`, created if missing (private if asked), on branch `revision`
+    (created from main if missing) or main."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(folder_path=save_dir, repo_id=repo_id, revision=revision, commit_message="Upload pruned model (hf_rlprune)")
+    logger.info("Pushed %s to %s%s", save_dir, repo_id, f" (revision {revision})" if revision else "")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,35 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
     assert not list(tmp_path.glob(".pruned.tmp-*"))
 
 
+def test_save_dir_is_never_a_folder_of_other_files(tmp_path, monkeypatch):
+    # Saving replaces the whole folder: only a new or empty one, or an earlier pruned model, may be replaced.
+    from hf_rlprune.card import check_save_dir, save_pruned_model
+
+    notes = tmp_path / "mine" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("keep me")
+    with pytest.raises(ValueError, match=r"already holds other files \(notes.txt\) and no pruning_report.json"):
+        save_pruned_model(torch.nn.Linear(1, 1), notes.parent, report={})
+    assert notes.read_text() == "keep me"
+    with pytest.raises(ValueError, match="is a file"):
+        check_save_dir(notes)
+    monkeypatch.chdir(notes.parent)
+    with pytest.raises(ValueError, match="current working directory"):
+        check_save_dir(".")
+    (tmp_path / "empty").mkdir()
+    assert check_save_dir(tmp_path / "empty") == (tmp_path / "empty").resolve()
+    # through the callback, before one training step: save_dir is the Trainer's output_dir, where checkpoints go
+    recorder = LogRecorder()
+    with pytest.raises(ValueError, match="holds the Trainer's output_dir"):
+        train(tmp_path / "run", prune_config(save_dir=str(tmp_path / "run")), extra_callbacks=[recorder])
+    assert not recorder.logs
+    # a pruned model saved before is replaced by the next save (test_callback_prunes_compacts_and_saves saves once)
+    train(tmp_path / "twice", save_strategy="no")
+    first = (tmp_path / "twice" / "pruned" / "pruning_report.json").stat().st_mtime_ns
+    train(tmp_path / "twice", save_strategy="no")
+    assert (tmp_path / "twice" / "pruned" / "pruning_report.json").stat().st_mtime_ns > first
+
+
 def test_same_seed_same_decisions_and_other_methods(tmp_path):
     _, first = train(tmp_path / "a")
     _, second = train(tmp_path / "b")

@@ -79,6 +79,21 @@ def test_smoke_run_pushes_to_the_hub_and_loads_back(tmp_path, hub_server):  # no
         assert loaded["module"].startswith("hf_rlprune") == (mode == "installed")
 
 
+def test_push_honours_private_repo_and_revision(tmp_path, hub_server):  # noqa: F811
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    prune = load_prune_script()
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "config.json").write_text("{}")
+    prune.push_pruned_folder(str(tmp_path / "pruned"), "org/private-pruned", hub_server.token, private=True, revision="v1")
+    assert "config.json" in hub_server.hub.files("org/private-pruned", "v1")
+    assert "config.json" not in hub_server.hub.files("org/private-pruned", "main")
+    assert HfApi(token=hub_server.token).model_info("org/private-pruned").private
+    with pytest.raises(RepositoryNotFoundError):  # not visible without a token
+        HfApi(token=False).model_info("org/private-pruned")
+
+
 def test_smoke_cifar_run_with_onnx_export(tmp_path):
     prune = load_prune_script()
     report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
