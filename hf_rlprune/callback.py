@@ -8,6 +8,7 @@ model) and saved with its report and model card. Rank 0 decides; the decision is
 
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -186,7 +187,8 @@ class RLPruneCallback(TrainerCallback):
         self._train_collator = train_dataloader.collate_fn
         self._batch_size = args.per_device_train_batch_size
         collator = self.data_collator or train_dataloader.collate_fn
-        reward_loader = DataLoader(self.reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
+        reward_dataset = self._reward_dataset_for(model, args)
+        reward_loader = DataLoader(reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
         autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
         self._evaluator = RewardEvaluator(
             reward_batches=list(reward_loader),
@@ -273,6 +275,22 @@ class RLPruneCallback(TrainerCallback):
 
             save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class)
+
+    def _reward_dataset_for(self, model, args):
+        """The reward split with the columns the Trainer drops from its training set (remove_unused_columns): those the
+        model's forward does not take, such as a tokenized set's raw "text", which the collator could not batch."""
+        dataset = self.reward_dataset
+        if not args.remove_unused_columns or not hasattr(dataset, "remove_columns"):
+            return dataset
+        accepted = set(inspect.signature(type(model).forward).parameters) | {"label", "label_ids", *(args.label_names or [])}
+        unused = [name for name in dataset.column_names if name not in accepted]
+        if len(unused) == len(dataset.column_names):
+            raise ValueError(
+                f"reward_dataset has no column the model takes (columns {dataset.column_names}; the model's forward takes "
+                f"{sorted(accepted - {'self', 'kwargs'})}). Prepare it as the training set (tokenize / transform it the same way), "
+                "or set remove_unused_columns=False if a transform produces the inputs."
+            )
+        return dataset.remove_columns(unused) if unused else dataset
 
     def _check_save_dir(self, args) -> None:
         """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""

@@ -193,6 +193,28 @@ def test_a_streaming_training_set_is_refused_at_train_begin_when_the_reward_need
     assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
 
 
+def test_reward_split_loses_the_columns_the_trainer_drops(tmp_path):
+    # A common idiom: the prepared sets keep a raw column (here ragged lists, which no collator can stack). The Trainer
+    # drops it from the training batches (remove_unused_columns); the reward split must be batched the same way.
+    train_set, reward_set = tiny_data()
+    train_set = train_set.add_column("caption", [[1] * (1 + i % 3) for i in range(len(train_set))])
+    reward_set = reward_set.add_column("caption", [[1] * (1 + i % 3) for i in range(len(reward_set))])
+
+    def fit(reward, **overrides):
+        torch.manual_seed(0)
+        model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+        args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, report_to=[], save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, **overrides)
+        config = prune_config(save_on_train_end=False)
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[RLPruneCallback(config, reward_dataset=reward)])
+        trainer.train()
+        return trainer
+
+    assert compute_macs(fit(reward_set).model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    with pytest.raises(ValueError, match=r"reward_dataset has no column the model takes \(columns \['caption'\]"):
+        fit(reward_set.select_columns(["caption"]))
+
+
 def test_impossible_budget_fails_before_training(tmp_path):
     recorder = LogRecorder()
     with pytest.raises(ValueError, match=r"RLPruneConfig\(target=0.001.*cannot be met"):
