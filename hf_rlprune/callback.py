@@ -180,6 +180,14 @@ class RLPruneCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_supported(model)
+        if self.pruned_model is model and optimizer is not None:
+            live = {id(parameter) for parameter in model.parameters()}
+            if any(id(parameter) not in live for group in optimizer.param_groups for parameter in group["params"]):
+                raise ValueError(
+                    "This Trainer's optimizer still holds the dense model's parameters: RLPruneCallback compacted the model "
+                    "when the last train() ended, so another train() would update nothing. Set trainer.optimizer = None "
+                    "and trainer.lr_scheduler = None (or build a new Trainer) before training the compacted model again."
+                )
         cfg = self.config
         self.dense_config = type(model.config).from_dict(model.config.to_dict()) if self.dense_config is None else self.dense_config
         self._round_steps = cfg.round_steps(state.max_steps)

@@ -122,6 +122,17 @@ def test_save_dir_is_never_a_folder_of_other_files(tmp_path, monkeypatch):
     assert (tmp_path / "twice" / "pruned" / "pruning_report.json").stat().st_mtime_ns > first
 
 
+def test_training_again_after_compaction_needs_a_new_optimizer(tmp_path):
+    trainer, _ = train(tmp_path, prune_config(save_on_train_end=False))
+    trainer.args.max_steps = 4
+    with pytest.raises(ValueError, match="optimizer still holds the dense model's parameters"):
+        trainer.train()  # the kept optimizer would step parameters the compacted model no longer has
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.train()
+    assert any(not torch.equal(trainer.model.state_dict()[name], value) for name, value in before.items())
+
+
 def test_same_seed_same_decisions_and_other_methods(tmp_path):
     _, first = train(tmp_path / "a")
     _, second = train(tmp_path / "b")
