@@ -282,7 +282,7 @@ class RLPruneCallback(TrainerCallback):
             from .card import save_pruned_model
 
             save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
-            save_pruned_model(model, save_dir, self.report, processing_class=processing_class)
+            save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name)
 
     def _reward_dataset_for(self, model, args):
         """The reward split with the columns the Trainer drops from its training set (remove_unused_columns): those the

@@ -78,10 +78,12 @@ def _fmt_float(value, digits=4):
 
 def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model", reproduce_command: str | None = None,
                       dataset_name: str | None = None, plot_file: str | None = None) -> ModelCard:
-    """The model card: YAML with model-index eval results, text with the tables, plot and reproduce command."""
+    """The model card: YAML with model-index eval results, text with the tables, plot and reproduce command.
+    `dataset_name` ("cifar10", "imdb" or a Hub id) is the data the accuracy was measured on; unset, the card names no
+    dataset ("custom" in the eval results)."""
     is_cnn = report["model_type"] == RLPruneCNNConfig.model_type
     task_type = "image-classification" if is_cnn else "text-classification"
-    dataset_name = dataset_name or ("cifar10" if is_cnn else "imdb")
+    # a card names only the data it was told about: the callback in a user's script may train on anything
     dataset_id = {"cifar10": "uoft-cs/cifar10", "imdb": "stanfordnlp/imdb"}.get(dataset_name, dataset_name)
     accuracy = report["accuracy"]
     split = accuracy["split"]
@@ -89,7 +91,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
 
     def add(metric_type, value, name):
         if value is not None:
-            results.append(EvalResult(task_type=task_type, dataset_type=dataset_id, dataset_name=dataset_name,
+            results.append(EvalResult(task_type=task_type, dataset_type=dataset_id or "custom", dataset_name=dataset_name or "custom",
                                       dataset_split=split, metric_type=metric_type, metric_value=float(value), metric_name=name))
 
     add("accuracy", accuracy.get("pruned"), "Accuracy (pruned)")
@@ -107,7 +109,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         library_name="transformers",
         pipeline_tag=task_type,
         tags=["hf_rlprune", "pruning", "structured-pruning", "reinforcement-learning"],
-        datasets=[dataset_id],
+        datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         eval_results=results or None,
     )
@@ -166,7 +168,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         reward_evaluations=report["search"]["reward_evaluations"],
         search_seconds=f"{report['search']['search_seconds']:.1f}",
         reward_setup=reward_setup,
-        reproduce_command=reproduce_command or report.get("command") or "python scripts/prune.py --smoke",
+        reproduce_command=reproduce_command or report.get("command"),  # none known (a user's own script): no section
     )
 
 

@@ -119,6 +119,11 @@ class RLPruneConfig:
     save_dir: str | None = field(
         default=None, metadata={"help": "Where the pruned model, report and card are written (default: <output_dir>/pruned)."}
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "The data the model is trained and tested on, named in the saved model card: cifar10, imdb or a "
+                          "Hub dataset id (unset: the card names none)."},
+    )
     save_on_train_end: bool = field(default=True, metadata={"help": "Compact and save the pruned model when training ends."})
     show_progress: bool = field(default=True, metadata={"help": "A progress bar per search round (main process only)."})
 

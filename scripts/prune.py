@@ -250,7 +250,7 @@ def main(argv=None):
                     "not trained" if dense_test_accuracy is None else f"{dense_test_accuracy:.4f}", report["macs"]["dense"], report["macs"]["pruned"])
         save_dir = os.path.join(training.output_dir, "pruned")
         save_pruned_model(pruned, save_dir, report, processing_class=task_data.processing_class, repo_id=hub_model_id,
-                          reproduce_command=report["command"], dataset_name=script.task)
+                          reproduce_command=report["command"], dataset_name=prune.dataset_name or script.task)
         if script.export_onnx:
             tmp = os.path.join(save_dir, f".model.onnx.tmp-{os.getpid()}")
             export_onnx(pruned, tmp)

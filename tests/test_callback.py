@@ -79,6 +79,9 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
     card = (saved / "README.md").read_text()
     assert "{{" not in card and "model-index" in card and "conv_blocks.1" in card
     assert "of the dense model's\nMACs**" in card  # the unit as written everywhere else, not "MACS"
+    # a user's own run: the card names no dataset it was not told about, and no command it does not know
+    assert "datasets:" not in card and "cifar10" not in card and "type: custom" in card
+    assert "## Reproduce" not in card and "{%" not in card
     report = json.loads((saved / "pruning_report.json").read_text())
     assert report["macs"]["pruned"] == compute_macs(model.config)
     assert report["search"]["reward_evaluations"] == 8

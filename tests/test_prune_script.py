@@ -55,6 +55,7 @@ def test_smoke_run_pushes_to_the_hub_and_loads_back(tmp_path, hub_server):  # no
     assert report["macs"]["pruned"] <= 0.5 * report["macs"]["dense"]
     card = (folder / "README.md").read_text()
     assert "{{" not in card and "org/imdb-pruned" in card and "model-index" in card
+    assert "- stanfordnlp/imdb" in card and "## Reproduce\n\n```bash\npython scripts/prune.py --smoke --task imdb" in card
     for path in output_dir.rglob("*"):  # the token is never written anywhere
         if path.is_file() and path.suffix in (".json", ".md", ".txt", ".py"):
             assert hub_server.token not in path.read_text(errors="ignore"), path
