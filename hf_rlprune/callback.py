@@ -538,8 +538,16 @@ class RLPruneCallback(TrainerCallback):
             self.taylor.scores = {k[len("taylor."):]: v.to(model.device) for k, v in tensors.items() if k.startswith("taylor.")}
             self.taylor.steps = int(metadata["taylor_steps"])
         agent_path = os.path.join(directory, AGENT_FILE)
-        if self.config.method == "ppo" and os.path.isfile(agent_path):
-            self.agent = PPOAgent.load(agent_path)
+        if self.config.method == "ppo":  # a fresh agent would make other decisions than the run being resumed
+            if not os.path.isfile(agent_path):
+                raise FileNotFoundError(
+                    f"{directory} has no {AGENT_FILE}, the PPO agent's state: the run that wrote it did not use "
+                    "method='ppo', or the file was lost. Resume with that run's method, or from another checkpoint."
+                )
+            try:
+                self.agent = PPOAgent.load(agent_path)
+            except Exception as error:  # safetensors raises its own error types for truncated files
+                raise ValueError(f"{agent_path} is corrupt or truncated ({error}); resume from an earlier checkpoint.") from error
 
     def _restore_best_masks(self, checkpoint: str, model) -> None:
         metadata, tensors = self._load_state_file(checkpoint)

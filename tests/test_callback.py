@@ -160,6 +160,14 @@ def test_resumed_run_makes_the_same_decisions(tmp_path, importance):
     assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
     assert resumed.reward_evaluations == uninterrupted.reward_evaluations == 8  # the count carried over the resume
     assert resumed.report["search"]["reward_evaluations"] == 8
+    if importance == "l1":  # a damaged or missing agent state is an error, not a fresh agent deciding otherwise
+        agent_file = checkpoint / "rlprune_agent.safetensors"
+        agent_file.write_bytes(agent_file.read_bytes()[:100])
+        with pytest.raises(ValueError, match="rlprune_agent.safetensors is corrupt or truncated"):
+            train(tmp_path / "again", prune_config(), resume=str(checkpoint))
+        agent_file.unlink()
+        with pytest.raises(FileNotFoundError, match="has no rlprune_agent.safetensors"):
+            train(tmp_path / "again", prune_config(), resume=str(checkpoint))
     if importance == "taylor":  # the accumulated scores went through the checkpoint: the same sums at the end
         assert resumed.taylor.steps == uninterrupted.taylor.steps > 0
         assert resumed.taylor.scores.keys() == uninterrupted.taylor.scores.keys()
