@@ -4,6 +4,7 @@ reference models, pre-training with the plan's recipe, and test accuracy.
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ CNN_PRESETS = {
 }
 MODEL_TYPES = {"cifar10": RLPruneCNNConfig.model_type, "imdb": RLPruneLSTMConfig.model_type}
 PLAN_LEARNING_RATE, PLAN_LR_DECAY = 1e-3, 1e-4  # the plan's pre-training recipe: Adam lr 1e-3, Keras-style decay 1e-4
+DEFAULT_MAX_LENGTH = 256  # IMDB tokens per review when neither the user nor a loaded checkpoint says otherwise
 PRETRAIN_PATIENCE = {"imdb": 2}  # epochs without a reward-split gain before pre-training stops; the LSTM overfits within a few
 
 logger = logging.getLogger(__name__)
@@ -99,9 +101,20 @@ def build_model(task: str, preset: str = "reference", task_data: TaskData | None
                                                                   embedding_dropout=lstm_embedding_dropout))
 
 
+def checkpoint_config(model_name_or_path: str, **kwargs):
+    """The config of a checkpoint (local folder or Hub id); a missing local folder is named as such, not passed on
+    to the Hub as a malformed repo id."""
+    path = os.path.expanduser(model_name_or_path)
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoint folder {model_name_or_path!r}. Pass the folder a model was saved to "
+                                "(save_pretrained, --save_dense_to, <output_dir>/pruned) or a Hub id such as org/name.")
+    return AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+
+
 def load_model(task: str, model_name_or_path: str, **kwargs):
     """A dense or pruned checkpoint (local folder or Hub id) of the right model type for `task`."""
-    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    config = checkpoint_config(model_name_or_path, **kwargs)
     expected = MODEL_TYPES[task]
     if config.model_type != expected:
         raise ValueError(
@@ -110,6 +123,21 @@ def load_model(task: str, model_name_or_path: str, **kwargs):
         )
     auto = AutoModelForImageClassification if task == "cifar10" else AutoModelForSequenceClassification
     return auto.from_pretrained(model_name_or_path, **kwargs)
+
+
+def resolve_max_length(max_length: int | None, model_name_or_path: str | None) -> int:
+    """Tokens per review: `max_length` if given, else a loaded LSTM checkpoint's own `max_seq_length` (the length it
+    was trained at and its cost figures use), else DEFAULT_MAX_LENGTH. A given length that differs from the
+    checkpoint's is allowed (fine-tuning at another length) but logged."""
+    trained = None
+    if model_name_or_path:
+        trained = getattr(checkpoint_config(model_name_or_path), "max_seq_length", None)
+    if max_length is None:
+        return trained or DEFAULT_MAX_LENGTH
+    if trained is not None and trained != max_length:
+        logger.warning("max_length %d differs from the %d tokens %s was trained at; its MACs and latency figures count %d.",
+                       max_length, trained, model_name_or_path, trained)
+    return max_length
 
 
 def load_checkpoint_tokenizer(model_name_or_path: str):

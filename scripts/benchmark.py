@@ -47,6 +47,7 @@ from hf_rlprune.tasks import (
     plan_optimizer,
     plan_then_finetune_optimizer,
     prepare_task,
+    resolve_max_length,
     task_tensors,
     tensor_accuracy,
     train_on_tensors,
@@ -120,7 +121,8 @@ class BenchmarkArguments:
                                      "this many training batches before its reward (0: off, as in the main tables)."})
     reward_size: float = field(default=0.1, metadata={"help": "Fraction of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
-    max_length: int = field(default=256, metadata={"help": "IMDB: tokens per review."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "IMDB: tokens per review (default: the --dense_model_path model's max_seq_length, else 256)."})
     lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
     lstm_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on what its dense layers read and after each of them."})
     lstm_embedding_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on the word embeddings."})
@@ -452,6 +454,7 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
     set_seed(0)
     # a loaded LSTM reads its tokens through the tokenizer saved with it, never one trained anew on other data
     tokenizer = load_checkpoint_tokenizer(args.dense_model_path) if args.dense_model_path and args.task == "imdb" else None
+    args.max_length = resolve_max_length(args.max_length, args.dense_model_path)
     data = prepare_task(args.task, args.dataset_dir, reward_size=args.reward_size, seed=0,
                         max_train_samples=args.max_train_samples, max_length=args.max_length, tokenizer=tokenizer)
     pad_token_id = getattr(data.processing_class, "pad_token_id", None) or 0
@@ -491,7 +494,7 @@ def main(argv=None):
     if args.cpu_small:
         args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
         args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2
-        args.latency_runs, args.max_length = 1, min(args.max_length, 128)
+        args.latency_runs, args.max_length = 1, min(args.max_length or 128, 128)
     for method in args.methods:  # every run's pruning settings, checked before minutes of pre-training
         for budget in args.budgets:
             prune_config(args, method, budget, args.seeds[0])

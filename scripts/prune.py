@@ -39,6 +39,7 @@ from hf_rlprune.tasks import (
     load_model,
     plan_optimizer,
     prepare_task,
+    resolve_max_length,
     pretrain,
 )
 
@@ -67,7 +68,8 @@ class ScriptArguments:
     reward_size: float = field(default=0.1, metadata={"help": "Fraction (or count, if > 1) of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
     vocab_size: int = field(default=20000, metadata={"help": "IMDB: word vocabulary size of the trained tokenizer."})
-    max_length: int = field(default=256, metadata={"help": "IMDB: tokens kept per review."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "IMDB: tokens kept per review (default: a loaded model's max_seq_length, else 256)."})
     lstm_pooling: str = field(default="last", metadata={"help": "IMDB LSTM built here: its dense layers read the last state ('last', the plan's) or the mean over tokens ('mean')."})
     lstm_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on what its dense layers read and after each of them."})
     lstm_embedding_dropout: float = field(default=0.0, metadata={"help": "IMDB LSTM built here: dropout in [0, 1) on the word embeddings."})
@@ -186,6 +188,7 @@ def main(argv=None):
 
     model = load_model(script.task, script.model_name_or_path) if script.model_name_or_path else None
     tokenizer = load_checkpoint_tokenizer(script.model_name_or_path) if model is not None and script.task == "imdb" else None
+    script.max_length = resolve_max_length(script.max_length, script.model_name_or_path)
     if model is not None:
         check_budget(model, prune, training)
     task_data = prepare_task(script.task, script.dataset_dir, reward_size=script.reward_size if script.reward_size < 1 else int(script.reward_size),

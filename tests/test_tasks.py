@@ -8,11 +8,14 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_rlprune.tasks import (
     KeepBestEpoch,
+    DEFAULT_MAX_LENGTH,
     build_model,
+    checkpoint_config,
     evaluate_accuracy,
     plan_then_finetune_optimizer,
     prepare_task,
     pretrain,
+    resolve_max_length,
     task_tensors,
     tensor_accuracy,
     train_on_tensors,
@@ -87,3 +90,17 @@ def test_plan_then_finetune_schedule_switches_recipes_at_the_end_of_pretraining(
     assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
     with pytest.raises(ValueError, match="finetune_steps = 0 >= 1"):
         plan_then_finetune_optimizer(model, pretrain_steps=10, finetune_steps=0, finetune_lr=1e-3)
+
+
+def test_max_length_defaults_to_the_checkpoints_own(tmp_path, caplog):
+    from hf_rlprune.models import RLPruneCNNConfig, RLPruneLSTMConfig
+
+    RLPruneLSTMConfig(vocab_size=20, max_seq_length=64).save_pretrained(tmp_path / "lstm")
+    RLPruneCNNConfig().save_pretrained(tmp_path / "cnn")
+    assert resolve_max_length(None, str(tmp_path / "lstm")) == 64  # tokenized as it was trained, not at 256
+    assert resolve_max_length(None, None) == resolve_max_length(None, str(tmp_path / "cnn")) == DEFAULT_MAX_LENGTH == 256
+    with caplog.at_level(logging.WARNING, logger="hf_rlprune.tasks"):
+        assert resolve_max_length(128, str(tmp_path / "lstm")) == 128  # asked for: allowed, but said
+    assert "max_length 128 differs from the 64 tokens" in caplog.text
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder './missing/dense'"):
+        checkpoint_config("./missing/dense")
