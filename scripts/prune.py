@@ -11,6 +11,7 @@ The pruned model, its tokenizer/image processor, pruning_report.json and the mod
 """
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -99,8 +100,9 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
-    """Small enough for a CPU minute; the same code path and output folder as a real run."""
+def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments) -> TrainingArguments:
+    """Small enough for a CPU minute; the same code path and output folder as a real run. The training arguments are
+    rebuilt, not edited: their device (CPU here, even on a GPU host) is fixed when they are constructed."""
     script.pretrain_epochs = 2
     script.model_preset = "small"
     script.pretrain_batch_size = 64
@@ -110,14 +112,8 @@ def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training
     prune.search_episodes = 6
     prune.ppo_episodes_per_update = 3
     prune.recovery_steps = 4
-    training.num_train_epochs = 2
-    training.per_device_train_batch_size = 64
-    training.learning_rate = 1e-3
-    training.use_cpu = True
-    training.report_to = []
-    training.save_strategy = "no"
-    training.eval_strategy = "no"
-    training.logging_steps = 5
+    return dataclasses.replace(training, num_train_epochs=2, per_device_train_batch_size=64, learning_rate=1e-3, use_cpu=True,
+                               report_to=[], save_strategy="no", eval_strategy="no", logging_steps=5)
 
 
 def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
@@ -131,6 +127,9 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
     if script.prune_while_pretraining and (script.model_name_or_path or script.distill_alpha > 0):
         raise ValueError("--prune_while_pretraining trains a fresh model from scratch: drop --model_name_or_path (prune a trained "
                          "model while fine-tuning it instead) and --distill_alpha (there is no trained dense model to distill from).")
+    if script.reward_size >= 1 and script.reward_size != int(script.reward_size):
+        raise ValueError(f"--reward_size {script.reward_size}: give a fraction in (0, 1) of the training rows or a whole "
+                         "number of rows (e.g. 5000).")
     if script.pretrain_patience is not None and script.pretrain_patience < 1:
         raise ValueError(f"--pretrain_patience {script.pretrain_patience} must be >= 1 (omit it for the task's default).")
     if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
@@ -179,7 +178,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if training.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if script.smoke:
-        apply_smoke_settings(script, prune, training)
+        training = apply_smoke_settings(script, prune, training)
     validate(script, prune, training)
     push, hub_model_id, hub_token = training.push_to_hub, training.hub_model_id, training.hub_token
     training.push_to_hub = False  # we push the pruned folder ourselves; the Trainer would push the dense checkpoints

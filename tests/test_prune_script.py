@@ -134,6 +134,7 @@ def test_smoke_run_pruning_while_training_from_scratch(tmp_path):
         (["--smoke", "--target", "1.5"], ValueError, "target"),
         (["--smoke", "--distill_alpha", "1.5"], ValueError, "--distill_alpha 1.5 must be in"),
         (["--smoke", "--pretrain_patience", "0"], ValueError, "--pretrain_patience 0 must be >= 1"),
+        (["--smoke", "--reward_size", "1.5"], ValueError, "--reward_size 1.5: give a fraction"),
         (["--smoke", "--prune_while_pretraining", "--model_name_or_path", "x"], ValueError, "drop --model_name_or_path"),
     ],
 )
@@ -166,6 +167,18 @@ def test_impossible_latency_budget_fails_before_pretraining(tmp_path, monkeypatc
                     "--output_dir", str(tmp_path)])
     assert not (tmp_path / "dense").exists()
     assert len(list(latency_cache.glob("*.json"))) == 1  # cached: the callback loads this table instead of measuring
+
+
+def test_smoke_settings_rebuild_the_training_arguments():
+    # The device is fixed when TrainingArguments are constructed: editing use_cpu afterwards would leave a GPU host's
+    # Trainer on the GPU. Rebuilt arguments went through __post_init__ (which turns strategies into enums).
+    from transformers.trainer_utils import SaveStrategy
+
+    prune = load_prune_script()
+    script, config, training = prune.parse_args(["--smoke", "--task", "cifar10", "--output_dir", "x", "--seed", "3"])
+    smoke = prune.apply_smoke_settings(script, config, training)
+    assert smoke.use_cpu and smoke.device.type == "cpu" and smoke.save_strategy is SaveStrategy.NO
+    assert smoke.seed == 3 and smoke.output_dir == "x" and smoke.num_train_epochs == 2 and script.max_length == 64
 
 
 def test_reproduce_command_never_holds_the_token():
