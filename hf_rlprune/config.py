@@ -178,6 +178,8 @@ class RLPruneConfig:
         check(self.reward_batch_size >= 1, f"reward_batch_size = {self.reward_batch_size} must be >= 1.")
         check(self.candidates_per_pass >= 1, f"candidates_per_pass = {self.candidates_per_pass} must be >= 1.")
         check(0.0 < self.min_keep <= 1.0, f"min_keep = {self.min_keep} must be in (0, 1].")
+        check(self.method != "ppo" or self.min_keep < 1.0,
+              "min_keep = 1.0 keeps every unit, which leaves the PPO agent no choice: lower min_keep (or use method='uniform').")
         check(self.width_multiple >= 1, f"width_multiple = {self.width_multiple} must be >= 1.")
         check(self.ppo_episodes_per_update >= 1, f"ppo_episodes_per_update = {self.ppo_episodes_per_update} must be >= 1.")
         check(self.ppo_learning_rate > 0, f"ppo_learning_rate = {self.ppo_learning_rate} must be > 0.")

@@ -228,7 +228,9 @@ class PruningEnv(gym.Env):
         width = self._width_from_ratio(ratio, idx)
         if width > feasible:
             snapped = self._snap(feasible, idx)
-            width = snapped if snapped <= feasible else feasible
+            # the wall itself when it is the cap (an earlier round's width) or snapping would break min_keep
+            keep_wall = feasible == self.max_widths[idx] or not self.min_widths[idx] <= snapped <= feasible
+            width = feasible if keep_wall else snapped
         self._widths.append(width)
         self._previous_action = ratio
         self._step_index += 1

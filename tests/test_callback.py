@@ -258,6 +258,8 @@ def test_bad_input(tmp_path):
         RLPruneConfig(target=0.0)
     with pytest.raises(ValueError, match="method"):
         RLPruneConfig(method="greedy")
+    with pytest.raises(ValueError, match="leaves the PPO agent no choice"):
+        RLPruneConfig(min_keep=1.0)
     with pytest.raises(ValueError, match="candidates_per_pass"):
         RLPruneConfig(candidates_per_pass=0)
     with pytest.raises(ValueError, match="refit_applied = True needs refit = True"):

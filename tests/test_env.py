@@ -96,6 +96,18 @@ def test_fill_tops_up_snapped_widths_until_no_multiple_fits():
                 assert compute_macs(config, widths=grown) > 0.5 * compute_macs(config), (actions, group.name, widths)
 
 
+def test_budget_wall_never_snaps_below_min_keep_or_under_a_cap_that_fits():
+    # dense widths 23/22/22, capped (max_keep) at 23/22/10, min_keep 0.5: minimum widths 12/11/11 -> 12/12/10 after caps
+    config = RLPruneCNNConfig(image_size=8, conv_channels=[23, 22], hidden_sizes=[22])
+    env = PruningEnv(config, constant_accuracy, target=0.868, min_keep=0.5, width_multiple=4, fill_budget=False,
+                     max_keep=[1.0, 1.0, 10 / 22])
+    _, info = run_episode(env, [1.0, 1.0, 1.0])
+    widths = list(info["widths"].values())
+    assert all(width >= minimum for width, minimum in zip(widths, env.min_widths)), (widths, env.min_widths)
+    assert widths[2] == 10  # the cap fits the budget: it is kept, not snapped down to 8
+    assert info["macs_ratio"] <= 0.868
+
+
 def test_budget_wall_clips_greedy_early_layers():
     env = PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.25, fill_budget=False)
     _, info = run_episode(env, [1.0, 1.0, 1.0])
