@@ -95,7 +95,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
                                       dataset_split=split, metric_type=metric_type, metric_value=float(value), metric_name=name))
 
     add("accuracy", accuracy.get("pruned"), "Accuracy (pruned)")
-    add("accuracy", accuracy.get("dense"), "Accuracy (dense, before pruning)")
+    # only this model's own figures: the Hub reads model-index as the model's results (the dense one is in the text)
     add("macs", report["macs"]["pruned"], "MACs per sample")
     add("flops", report["flops"]["pruned"], "FLOPs per sample")
     add("params", report["params"]["pruned"], "Parameters")
@@ -122,6 +122,10 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         for layer in report["layers"]
     )
     plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot saved with this card)"
+    rounds, planned = report.get("rounds") or [], report["num_rounds"]
+    finished_early = 0 < len(rounds) < planned  # training stopped before the last round: the budget met is the last round's
+    rounds_text = f"{len(rounds)} of {planned} planned rounds (training ended before the rest)" if finished_early else f"{planned} rounds"
+    target = rounds[-1]["target"] if finished_early else report["target"]
     cost_note = report.get("cost_note", "")
     setup = report.get("reward_setup")  # absent from reports written before it was recorded
     if setup is None:
@@ -140,7 +144,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         architecture="CNN (RLPruneCNNForImageClassification)" if is_cnn else "LSTM (RLPruneLSTMForSequenceClassification)",
         unit_word="channels and neurons" if is_cnn else "embedding dimensions, hidden units and neurons",
         auto_class="AutoModelForImageClassification" if is_cnn else "AutoModelForSequenceClassification",
-        target_percent=f"{100 * report['target']:.0f}%",
+        target_percent=f"{100 * target:.0f}%",
         budget_kind="MACs" if report["budget_kind"] == "macs" else report["budget_kind"],
         accuracy_split=f"{split} split",
         accuracy_before=_fmt_pct(accuracy.get("dense")),
@@ -164,7 +168,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         chooser={"ppo": "a PPO agent", "random": "random search", "uniform": "a uniform keep ratio"}.get(report["method"], report["method"]),
         reward_mode=report["reward_mode"],
         importance=report["importance"],
-        num_rounds=report["num_rounds"],
+        rounds_text=rounds_text,
         reward_evaluations=report["search"]["reward_evaluations"],
         search_seconds=f"{report['search']['search_seconds']:.1f}",
         reward_setup=reward_setup,

@@ -78,6 +78,7 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
         assert (saved / name).exists(), name
     card = (saved / "README.md").read_text()
     assert "{{" not in card and "model-index" in card and "conv_blocks.1" in card
+    assert card.count("type: accuracy") == 1  # the model-index holds this model's results, not the dense model's
     assert "of the dense model's\nMACs**" in card  # the unit as written everywhere else, not "MACS"
     # a user's own run: the card names no dataset it was not told about, and no command it does not know
     assert "datasets:" not in card and "cifar10" not in card and "type: custom" in card
@@ -123,6 +124,25 @@ def test_save_dir_is_never_a_folder_of_other_files(tmp_path, monkeypatch):
     first = (tmp_path / "twice" / "pruned" / "pruning_report.json").stat().st_mtime_ns
     train(tmp_path / "twice", save_strategy="no")
     assert (tmp_path / "twice" / "pruned" / "pruning_report.json").stat().st_mtime_ns > first
+
+
+class StopAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_card_of_a_run_stopped_before_its_last_round(tmp_path):
+    # rounds at steps 4 and 12; stopped at 6: the model is at round 1's budget, and its card says so
+    trainer, callback = train(tmp_path, trailing_callbacks=[StopAtStep(6)])
+    assert callback.rounds_done == 1
+    first_target = callback.history[0]["target"]
+    assert compute_macs(trainer.model.config) <= first_target * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert f"budget of **{100 * first_target:.0f}% of the dense model's" in card and "1 of 2 planned rounds" in card
 
 
 def test_training_again_after_compaction_needs_a_new_optimizer(tmp_path):
