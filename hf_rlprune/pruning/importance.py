@@ -40,9 +40,12 @@ class TaylorAccumulator:
 
     @torch.no_grad()
     def accumulate(self, model: nn.Module) -> None:
+        """Add this step's scores; a step with non-finite gradients (an fp16 overflow, which the optimizer skips too)
+        is skipped, so one overflow cannot turn every score into inf or nan."""
         params = dict(model.named_parameters())
+        step_scores = {}
         for group in get_prunable_groups(model):
-            total = self.scores.get(group.name)
+            total = None
             for slice_ in group.producers:
                 param = params.get(slice_.name)
                 if param is None or param.grad is None:
@@ -50,7 +53,11 @@ class TaylorAccumulator:
                 contribution = _unit_view(param * param.grad, group, slice_).abs().sum(dim=1)
                 total = contribution if total is None else total + contribution
             if total is not None:
-                self.scores[group.name] = total
+                step_scores[group.name] = total
+        if not all(bool(torch.isfinite(total).all()) for total in step_scores.values()):
+            return
+        for name, total in step_scores.items():
+            self.scores[name] = total if name not in self.scores else self.scores[name] + total
         self.steps += 1
 
     def group_scores(self, group: PrunableGroup) -> torch.Tensor:
