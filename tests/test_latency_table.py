@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,7 @@ class CountingTimer:
 
 
 def build(config=TINY_CNN, timer=None, **kwargs):
-    values = dict(runtime="onnxruntime", batch_size=4, threads=1, grid=3, timer=timer or CountingTimer())
+    values = dict(runtime="onnxruntime", batch_size=4, threads=1, grid=3, timer=timer or CountingTimer(), timer_name="counting")
     return LatencyTable.build(config, **{**values, **kwargs})
 
 
@@ -101,6 +102,56 @@ def test_a_cache_file_whose_key_does_not_match_is_measured_again(tmp_path):
     assert json.loads(path.read_text())["key"] == table.key  # rewritten
     path.write_text("{not json")
     assert build(timer=timer, cache_dir=tmp_path).dense_ms == table.dense_ms
+
+
+def test_damaged_or_unwritable_caches_never_lose_a_measured_table(tmp_path, caplog):
+    timer = CountingTimer()
+    table = build(timer=timer, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    good = json.loads(path.read_text())
+    short = dict(good, layers=[dict(good["layers"][0], ms=good["layers"][0]["ms"][:-1]), *good["layers"][1:]])
+    for damaged in ("[]", "null", json.dumps(short)):
+        path.write_text(damaged)
+        assert build(timer=timer, cache_dir=tmp_path).dense_ms == table.dense_ms  # measured again, not a crash
+        path.write_text(damaged)
+        with pytest.raises(ValueError, match="latency table|rows of timings"):
+            LatencyTable.load_for(path, TINY_CNN, "onnxruntime", 4)
+    path.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ValueError, match="is not a readable latency table"):
+        LatencyTable.load_for(path, TINY_CNN, "onnxruntime", 4)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    again = build(timer=timer, cache_dir=blocked / "cache")  # the cache folder cannot be made: warn, keep the table
+    assert again.dense_ms == table.dense_ms and "Could not cache the latency table" in caplog.text
+
+
+def test_two_unnamed_timers_never_share_a_cache_entry(tmp_path):
+    fast = build(timer=lambda module, inputs: 1.0, cache_dir=tmp_path, timer_name=None)
+    slow = build(timer=lambda module, inputs: 5.0, cache_dir=tmp_path, timer_name=None)
+    assert slow.dense_ms > fast.dense_ms and not list(tmp_path.glob("*.json"))
+
+
+def test_device_name_tells_cpu_generations_apart(monkeypatch):
+    import io
+
+    def fake_cpuinfo(text):
+        monkeypatch.setattr(latency_table_module, "open", lambda path: io.StringIO(text), raising=False)
+
+    fake_cpuinfo("processor : 0\nmodel name : AMD EPYC\nflags : fpu sse avx2 avx512f\n")
+    assert latency_table_module.device_name() == "cpu: AMD EPYC [avx2 avx512f]"
+    fake_cpuinfo("processor : 0\nmodel name : AMD EPYC\nflags : fpu sse avx2\n")
+    assert latency_table_module.device_name() == "cpu: AMD EPYC [avx2]"
+    fake_cpuinfo("processor : 0\nFeatures : fp asimd sve\n")  # ARM: no model name
+    assert latency_table_module.device_name().endswith("[asimd sve]")
+
+
+def test_timing_leaves_the_callers_module_as_it_was():
+    from hf_rlprune.pruning.latency import time_forward
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    for runtime in ("torch", "onnxruntime"):
+        time_forward(module, {"x": torch.randn(2, 4)}, runtime=runtime, warmup=0, repeats=1, threads=1)
+        assert module.training and all(m.training for m in module.modules()), runtime
 
 
 @pytest.mark.parametrize("config", [TINY_CNN, TINY_LSTM], ids=["cnn", "lstm"])
@@ -351,7 +402,7 @@ def test_callback_builds_the_table_once_and_prunes_to_milliseconds(tmp_path, mon
 
     timer = CountingTimer()
     real_build = LatencyTable.build.__func__
-    monkeypatch.setattr(LatencyTable, "build", classmethod(lambda cls, *a, **k: real_build(cls, *a, **{**k, "timer": timer})))
+    monkeypatch.setattr(LatencyTable, "build", classmethod(lambda cls, *a, **k: real_build(cls, *a, **{**k, "timer": timer, "timer_name": "counting"})))
     dense_ms = LatencyTable.build(TINY_CNN, batch_size=16, threads=2, cache_dir=tmp_path).dense_ms
     config = RLPruneConfig(budget_kind="latency", target_latency_ms=0.4 * dense_ms, latency_batch_size=16, latency_threads=2,
                            latency_cache_dir=str(tmp_path), reward_mode="trade_off", reward_cost="latency")

@@ -6,6 +6,7 @@ model-specific export logic.
 """
 
 import copy
+import functools
 import os
 import statistics
 import tempfile
@@ -116,19 +117,22 @@ def time_forward(
 ) -> list[float]:
     """Sorted wall times (ms) of `repeats` forward passes of any module on `inputs` (passed positionally, in order).
 
-    The module must return one tensor (ONNX export). ONNX Runtime runs on CPU with `threads` intra-op threads.
+    The module must return one tensor (ONNX export). ONNX Runtime runs on CPU with `threads` intra-op threads. A copy
+    is timed, so the caller's module keeps its mode and device.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose one of {RUNTIMES}.")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats = {repeats} must be >= 1 and warmup = {warmup} >= 0.")
     threads = threads or torch.get_num_threads()
+    module = copy.deepcopy(module)
     if runtime == "torch":
         module = module.eval().to(device)
         tensors = tuple(value.to(device) for value in inputs.values())
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-        sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+        # wait for the timed GPU, which need not be the current one (cuda:1 while cuda:0 is current)
+        sync = functools.partial(torch.cuda.synchronize, torch.device(device)) if str(device).startswith("cuda") else None
         try:
             with torch.inference_mode():
                 times = _timed(lambda: module(*tensors), warmup, repeats, sync)

@@ -65,25 +65,37 @@ def default_cache_dir() -> Path:
     return Path(base) / "hf_rlprune" / "latency"
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve", "sve2")  # what kernels use
+
+
 def device_name(device: str = "cpu") -> str:
-    """What the timings depend on: the GPU's name, or the CPU's model name (not just "cpu")."""
+    """What the timings depend on: the GPU's name, or the CPU's model name and vector extensions (a VM may report
+    only "AMD EPYC" for several generations; ARM machines may report no model name at all)."""
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.lower().startswith("model name"):
-                    return "cpu: " + line.split(":", 1)[1].strip()
+                field, _, value = line.partition(":")
+                field = field.strip().lower()
+                if field == "model name" and model is None:
+                    model = value.strip()
+                elif field in ("flags", "features") and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return "cpu: " + (platform.processor() or platform.machine() or "unknown")
+    model = model or platform.processor() or platform.machine() or "unknown"
+    present = [flag for flag in VECTOR_FLAGS if flag in flags]
+    return f"cpu: {model}" + (f" [{' '.join(present)}]" if present else "")
 
 
 def runtime_version(runtime: str) -> str:
+    """The versions the timings depend on: ONNX Runtime times the graph that torch's exporter wrote."""
     if runtime == "onnxruntime":
         import onnxruntime
 
-        return f"onnxruntime {onnxruntime.__version__}"
+        return f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}"
     return f"torch {torch.__version__}"
 
 
@@ -339,12 +351,17 @@ class LatencyTable:
     def load(cls, path: str | os.PathLike, expected_key: dict | None = None) -> "LatencyTable":
         """Read a saved table; with `expected_key`, a table measured under any other key is a ValueError."""
         data = json.loads(Path(path).read_text())
-        if data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"{path} is not a latency table of format {TABLE_FORMAT} (got {data.get('format')!r}).")
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path} is not a latency table of format {TABLE_FORMAT} (got {found!r}).")
         if expected_key is not None and data["key"] != _jsonable(expected_key):
             differs = sorted(k for k in set(data["key"]) | set(expected_key) if data["key"].get(k) != _jsonable(expected_key).get(k))
             raise ValueError(f"{path} was measured under a different {', '.join(differs)}; re-measure it for this runtime/device.")
         layers = [LayerLatency(**layer) for layer in data["layers"]]
+        for layer in layers:  # a hand-edited or truncated file would fail at its first estimate, far from here
+            if len(layer.ms) != len(layer.in_widths) or any(len(row) != len(layer.out_widths) for row in layer.ms):
+                raise ValueError(f"{path}: layer {layer.name!r} has {len(layer.ms)} rows of timings for a "
+                                 f"{len(layer.in_widths)} x {len(layer.out_widths)} grid; measure the table again.")
         return cls(data["key"], data["dense_widths"], layers, data["overhead_ms"], data.get("calibration"), data.get("build_seconds", 0.0))
 
     @classmethod
@@ -362,7 +379,7 @@ class LatencyTable:
         except (FileNotFoundError, IsADirectoryError) as error:
             raise ValueError(f"Latency table {path} does not exist (or is a folder: name the JSON file); measure one on the deployment machine with "
                              "`python scripts/bench_latency.py --save_tables DIR` (or LatencyTable.build(...).save(path)).") from error
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a readable latency table ({type(error).__name__}: {error}); measure it again.") from error
         is_lstm = isinstance(config, RLPruneLSTMConfig)
         expected = _jsonable({"runtime": runtime, "batch_size": int(batch_size), "structure": _structure(config),
@@ -412,6 +429,7 @@ class LatencyTable:
         repeats: int = 5,
         passes: int = 2,
         timer: Timer | None = None,
+        timer_name: str | None = None,
     ) -> "LatencyTable":
         """Measure (or load from `cache_dir`) the latency table of a model's structure on `runtime` and `device`.
 
@@ -429,19 +447,22 @@ class LatencyTable:
                 passes disagree by over 5%) and the lowest median kept: interference from other processes only
                 adds time, and rarely hits one module in every pass.
             timer: `(module, named inputs) -> ms` in place of wall-clock timing (tests inject synthetic timings).
+            timer_name: names `timer` in the cache key; without it a custom timer's table is not cached, since
+                nothing tells one unnamed timer's timings from another's.
         """
         config = _config_of(model_or_config)
         if passes < 1 or repeats < 1 or warmup < 0:
             raise ValueError(f"passes = {passes} and repeats = {repeats} must be >= 1, warmup = {warmup} >= 0.")
         threads = int(threads or torch.get_num_threads())
         seq_len = int(seq_len or config.max_seq_length) if isinstance(config, RLPruneLSTMConfig) else None
-        timer_name = "wall_clock" if timer is None else getattr(timer, "__qualname__", type(timer).__name__)
-        key = cls.cache_key(config, runtime, batch_size, device, threads, grid, seq_len, timer_name)
+        if timer is not None and timer_name is None:
+            cache_dir = None
+        key = cls.cache_key(config, runtime, batch_size, device, threads, grid, seq_len, "wall_clock" if timer is None else timer_name)
         path = Path(cache_dir) / _cache_file_name(key) if cache_dir is not None else None
         if path is not None and path.is_file():
             try:
                 return cls.load(path, expected_key=key)
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+            except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
                 logger.warning("Latency table cache %s is not usable (%s); re-measuring.", path, error)
         if timer is None:
             def timer(module, inputs):
@@ -452,7 +473,11 @@ class LatencyTable:
         table.build_seconds = time.perf_counter() - start
         logger.info("Latency table for %s on %s (%s) measured in %.1f s.", config.model_type, key["device"], runtime, table.build_seconds)
         if path is not None:
-            table.save(path)
+            try:
+                table.save(path)
+            except OSError as error:  # a read-only cache must not throw away the minutes just measured
+                logger.warning("Could not cache the latency table at %s (%s); set latency_cache_dir to a writable folder "
+                               "to reuse it next time.", path, error)
         return table
 
     @classmethod
