@@ -160,6 +160,16 @@ class RLPruneCallback(TrainerCallback):
             )
         self.reward_dataset = reward_dataset
         self.data_collator = data_collator
+        self._reset_run_state()
+        self._handler = None
+        self._evaluator = None
+        self._round_steps: list[int] = []
+        self._train_dataset = None
+        self._train_collator = None
+        self._batch_size = 8
+
+    def _reset_run_state(self) -> None:
+        """What one pruning run accumulates: rounds, agent, scores, report."""
         self.rounds_done = 0
         self.history: list[dict] = []
         self.search_seconds = 0.0
@@ -169,17 +179,14 @@ class RLPruneCallback(TrainerCallback):
         self.dense_config = None
         self.pruned_model = None
         self.report: dict | None = None
-        self._handler = None
-        self._evaluator = None
-        self._round_steps: list[int] = []
-        self._train_dataset = None
-        self._train_collator = None
-        self._batch_size = 8
         self.latency_table = None  # LatencyTable for latency budgets / rewards, built once at train begin
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_supported(model)
+        if state.global_step == 0 and self.dense_config is not None and model is not self.pruned_model:
+            # a new run (another model, or the Trainer's model_init) through the same callback: prune it afresh
+            self._reset_run_state()
         if self.pruned_model is model and optimizer is not None:
             live = {id(parameter) for parameter in model.parameters()}
             if any(id(parameter) not in live for group in optimizer.param_groups for parameter in group["params"]):
@@ -272,7 +279,10 @@ class RLPruneCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint:
             self._restore_best_masks(state.best_model_checkpoint, model)
-        if self.rounds_done < self.config.num_rounds:
+        if self.rounds_done == 0:
+            logger.warning("Training ended before the first pruning round (rounds at steps %s); the model is saved unpruned.",
+                           self._round_steps)
+        elif self.rounds_done < self.config.num_rounds:
             logger.warning(
                 "Training ended after %d of %d pruning rounds (rounds at steps %s); the model is pruned to the last "
                 "finished round's budget.", self.rounds_done, self.config.num_rounds, self._round_steps

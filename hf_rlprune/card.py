@@ -123,9 +123,9 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
     )
     plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot saved with this card)"
     rounds, planned = report.get("rounds") or [], report["num_rounds"]
-    finished_early = 0 < len(rounds) < planned  # training stopped before the last round: the budget met is the last round's
+    finished_early = len(rounds) < planned  # training stopped before the last round: the budget met is the last round's
     rounds_text = f"{len(rounds)} of {planned} planned rounds (training ended before the rest)" if finished_early else f"{planned} rounds"
-    target = rounds[-1]["target"] if finished_early else report["target"]
+    target = (rounds[-1]["target"] if rounds else 1.0) if finished_early else report["target"]  # no round: still dense
     cost_note = report.get("cost_note", "")
     setup = report.get("reward_setup")  # absent from reports written before it was recorded
     if setup is None:

@@ -39,6 +39,9 @@ class DistillationTrainer(Trainer):
         if self.label_smoother is not None:
             raise ValueError("label_smoothing_factor > 0 and distillation both soften the targets; set label_smoothing_factor=0 "
                              "or use the plain Trainer.")
+        if teacher is self.model:
+            raise ValueError("teacher is the model being trained, and freezing it would stop training: pass a frozen copy, "
+                             "teacher=copy.deepcopy(model).")
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         # compute_loss returns a mean over the micro-batch (no num_items_in_batch): the Trainer divides by the
         # gradient-accumulation steps, whatever the model's forward accepts

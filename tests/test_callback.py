@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -135,14 +136,40 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_card_of_a_run_stopped_before_its_last_round(tmp_path):
+def test_card_of_a_run_stopped_before_its_last_round(tmp_path, caplog):
     # rounds at steps 4 and 12; stopped at 6: the model is at round 1's budget, and its card says so
-    trainer, callback = train(tmp_path, trailing_callbacks=[StopAtStep(6)])
+    trainer, callback = train(tmp_path / "one", trailing_callbacks=[StopAtStep(6)])
     assert callback.rounds_done == 1
     first_target = callback.history[0]["target"]
     assert compute_macs(trainer.model.config) <= first_target * compute_macs(RLPruneCNNConfig(**TINY_CNN))
-    card = (tmp_path / "pruned" / "README.md").read_text()
+    card = (tmp_path / "one" / "pruned" / "README.md").read_text()
     assert f"budget of **{100 * first_target:.0f}% of the dense model's" in card and "1 of 2 planned rounds" in card
+    # stopped at 2, before any round: saved dense, and neither the card nor the log claims a budget
+    with caplog.at_level(logging.WARNING, logger="hf_rlprune.callback"):
+        trainer, callback = train(tmp_path / "none", trailing_callbacks=[StopAtStep(2)])
+    assert callback.rounds_done == 0 and "before the first pruning round" in caplog.text
+    card = (tmp_path / "none" / "pruned" / "README.md").read_text()
+    assert "budget of **100% of the dense model's" in card and "0 of 2 planned rounds" in card
+
+
+def test_one_callback_prunes_each_new_run_afresh(tmp_path):
+    # the Trainer's model_init gives the second train() a new model: the callback must not carry the first run over
+    train_set, reward_set = tiny_data()
+    callback = RLPruneCallback(prune_config(save_on_train_end=False), reward_dataset=reward_set)
+
+    def init():
+        torch.manual_seed(0)
+        return RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+
+    args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    trainer = Trainer(model_init=init, args=args, train_dataset=train_set, callbacks=[callback])
+    trainer.train()
+    first = [h["masks_sha1"] for h in callback.history]
+    trainer.train()
+    assert callback.rounds_done == 2 and [h["masks_sha1"] for h in callback.history] == first  # same seed, same decisions
+    assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    assert callback.report["macs"]["dense"] == compute_macs(RLPruneCNNConfig(**TINY_CNN))
 
 
 def test_training_again_after_compaction_needs_a_new_optimizer(tmp_path):

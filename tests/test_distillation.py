@@ -79,6 +79,8 @@ def test_bad_settings_name_the_fix(tmp_path, teacher):
     with pytest.raises(ValueError, match="label_smoothing_factor=0"):
         DistillationTrainer(model=teacher, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], label_smoothing_factor=0.1),
                             teacher=teacher)
+    with pytest.raises(ValueError, match=r"teacher is the model being trained.*copy.deepcopy\(model\)"):
+        DistillationTrainer(model=teacher, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]), teacher=teacher)
     trainer = make_trainer(tmp_path, 0.5, teacher)
     with pytest.raises(ValueError, match="needs labels"):
         trainer.compute_loss(trainer.model, {"pixel_values": torch.randn(2, 3, 8, 8)})

@@ -280,6 +280,13 @@ def test_taylor_importance_accumulates_weight_times_grad():
     layer.weight.grad[0, 0] = float("inf")
     taylor.accumulate(model)
     assert taylor.steps == 2 and all(torch.equal(taylor.scores[name], score) for name, score in before.items())
+    # a round before any finite step (fp16 overflow at the first steps): units ranked by L1, not a crash
+    fresh = TaylorAccumulator()
+    fresh.accumulate(model)
+    assert fresh.steps == 0 and fresh.skipped_steps == 1
+    assert torch.equal(unit_scores(model, group, "taylor", taylor=fresh), unit_scores(model, group, "l1"))
+    with pytest.raises(RuntimeError, match="No Taylor scores"):  # never fed at all: a usage error, said as such
+        unit_scores(model, group, "taylor", taylor=TaylorAccumulator())
 
 
 def test_rounds_prune_nested_sets():

@@ -3,12 +3,16 @@
 Scores come from the unit's producer slices (its own weights), so they are comparable within a group only.
 """
 
+import logging
+
 import torch
 from torch import nn
 
 from .groups import PrunableGroup, get_prunable_groups
 
 IMPORTANCE_CRITERIA = ("l1", "l2", "taylor", "random")
+
+logger = logging.getLogger(__name__)
 
 
 def _unit_view(tensor: torch.Tensor, group: PrunableGroup, slice_) -> torch.Tensor:
@@ -37,6 +41,8 @@ class TaylorAccumulator:
     def __init__(self):
         self.scores: dict[str, torch.Tensor] = {}
         self.steps = 0
+        self.skipped_steps = 0  # with non-finite gradients
+        self._warned = False
 
     @torch.no_grad()
     def accumulate(self, model: nn.Module) -> None:
@@ -55,6 +61,7 @@ class TaylorAccumulator:
             if total is not None:
                 step_scores[group.name] = total
         if not all(bool(torch.isfinite(total).all()) for total in step_scores.values()):
+            self.skipped_steps += 1
             return
         for name, total in step_scores.items():
             self.scores[name] = total if name not in self.scores else self.scores[name] + total
@@ -84,6 +91,12 @@ def unit_scores(
     if criterion == "taylor":
         if taylor is None:
             raise ValueError("importance='taylor' needs a TaylorAccumulator fed with gradients during training.")
+        if taylor.steps == 0 and taylor.skipped_steps > 0:  # e.g. a round at the first step, which overflowed in fp16
+            if not taylor._warned:
+                logger.warning("No finite Taylor scores yet: all %d steps so far had non-finite gradients (fp16 overflow); "
+                               "ranking units by their L1 norm until one has.", taylor.skipped_steps)
+                taylor._warned = True
+            return magnitude_scores(model, group, p=1)
         return taylor.group_scores(group)
     if criterion == "random":
         return torch.rand(group.width, generator=generator)
