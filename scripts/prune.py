@@ -40,8 +40,8 @@ from hf_rlprune.tasks import (
     load_model,
     plan_optimizer,
     prepare_task,
-    resolve_max_length,
     pretrain,
+    resolve_max_length,
 )
 
 logger = logging.getLogger("hf_rlprune.prune")
