@@ -289,10 +289,14 @@ class RLPruneCallback(TrainerCallback):
             )
         self.finalize(model)
         if self.config.save_on_train_end and state.is_world_process_zero:
-            from .card import save_pruned_model
+            from .card import push_pruned_folder, save_pruned_model
 
             save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
-            save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name)
+            save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name,
+                              repo_id=self.config.pruned_hub_model_id)
+            if self.config.pruned_hub_model_id:
+                push_pruned_folder(save_dir, self.config.pruned_hub_model_id, token=args.hub_token, private=args.hub_private_repo,
+                                   revision=args.hub_revision)
 
     def _reward_dataset_for(self, model, args):
         """The reward split with the columns the Trainer drops from its training set (remove_unused_columns): those the

@@ -1,6 +1,7 @@
 """Pruning report (pruning_report.json), model card (README.md) and the atomic save of the pruned model folder."""
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,8 @@ from .pruning.refit import batch_norms
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 REPORT_FILE = "pruning_report.json"
 PLOT_FILE = "accuracy_vs_macs.png"
+
+logger = logging.getLogger(__name__)
 
 
 def build_report(dense_config, pruned_model, config, history, reward_accuracy_after=None, search_seconds=0.0,
@@ -261,3 +264,17 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return save_dir
+
+
+def push_pruned_folder(save_dir, repo_id: str, token: str | None = None, private: bool | None = None,
+                       revision: str | None = None) -> None:
+    """Upload a saved pruned-model folder (model, card, report) to the Hub repo `repo_id`, created if missing (private
+    if asked), on branch `revision` (created from main if missing) or main."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(folder_path=str(save_dir), repo_id=repo_id, revision=revision, commit_message="Upload pruned model (hf_rlprune)")
+    logger.info("Pushed %s to %s%s", save_dir, repo_id, f" (revision {revision})" if revision else "")

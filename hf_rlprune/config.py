@@ -124,6 +124,11 @@ class RLPruneConfig:
         metadata={"help": "The data the model is trained and tested on, named in the saved model card: cifar10, imdb or a "
                           "Hub dataset id (unset: the card names none)."},
     )
+    pruned_hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Push the saved pruned model (model, card, report) to this Hub repo at train end: a repo of its own, "
+                          "not the Trainer's; the card names it. The Trainer's hub_token, hub_private_repo and hub_revision apply."},
+    )
     save_on_train_end: bool = field(default=True, metadata={"help": "Compact and save the pruned model when training ends."})
     show_progress: bool = field(default=True, metadata={"help": "A progress bar per search round (main process only)."})
 
@@ -180,6 +185,9 @@ class RLPruneConfig:
         check(0.0 < self.min_keep <= 1.0, f"min_keep = {self.min_keep} must be in (0, 1].")
         check(self.method != "ppo" or self.min_keep < 1.0,
               "min_keep = 1.0 keeps every unit, which leaves the PPO agent no choice: lower min_keep (or use method='uniform').")
+        check(not self.pruned_hub_model_id or self.save_on_train_end,
+              "pruned_hub_model_id pushes the model saved at train end: set save_on_train_end = True (or push it yourself "
+              "with hf_rlprune.card.push_pruned_folder).")
         check(self.width_multiple >= 1, f"width_multiple = {self.width_multiple} must be >= 1.")
         check(self.ppo_episodes_per_update >= 1, f"ppo_episodes_per_update = {self.ppo_episodes_per_update} must be >= 1.")
         check(self.ppo_learning_rate > 0, f"ppo_learning_rate = {self.ppo_learning_rate} must be > 0.")

@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
-from hf_rlprune.card import save_pruned_model, update_trade_off
+from hf_rlprune.card import push_pruned_folder, save_pruned_model, update_trade_off
 from hf_rlprune.pruning import compare_latency, export_onnx
 from hf_rlprune.tasks import (
     CNN_PRESETS,
@@ -116,11 +116,17 @@ def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training
                                report_to=[], save_strategy="no", eval_strategy="no", logging_steps=5)
 
 
+def hub_target(prune: RLPruneConfig, training: TrainingArguments) -> tuple[bool, str | None]:
+    """Whether to push the pruned folder, and where: --push_to_hub --hub_model_id, or the callback's own
+    --pruned_hub_model_id (the script saves and pushes the folder itself, so it honours that too)."""
+    return training.push_to_hub or bool(prune.pruned_hub_model_id), prune.pruned_hub_model_id or training.hub_model_id
+
+
 def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
     """Fail before any data loading or training on anything we can check up front."""
     if script.task not in MODEL_TYPES:
         raise ValueError(f"Unknown task {script.task!r}; choose one of {sorted(MODEL_TYPES)}.")
-    if training.push_to_hub and not training.hub_model_id:
+    if training.push_to_hub and not (training.hub_model_id or prune.pruned_hub_model_id):
         raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
     if script.model_preset not in CNN_PRESETS:
         raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
@@ -180,7 +186,8 @@ def main(argv=None):
     if script.smoke:
         training = apply_smoke_settings(script, prune, training)
     validate(script, prune, training)
-    push, hub_model_id, hub_token = training.push_to_hub, training.hub_model_id, training.hub_token
+    push, hub_model_id = hub_target(prune, training)
+    hub_token = training.hub_token
     training.push_to_hub = False  # we push the pruned folder ourselves; the Trainer would push the dense checkpoints
     training.hub_token = None  # keeps the token out of the checkpoints' training_args.bin
     set_seed(training.seed)
@@ -262,18 +269,6 @@ def main(argv=None):
             push_pruned_folder(save_dir, hub_model_id, hub_token, private=training.hub_private_repo, revision=training.hub_revision)
     return callback.report
 
-
-def push_pruned_folder(save_dir: str, repo_id: str, token: str | None, private: bool | None = None, revision: str | None = None):
-    """Upload the pruned model folder to `repo_id`, created if missing (private if asked), on branch `revision`
-    (created from main if missing) or main."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    api.upload_folder(folder_path=save_dir, repo_id=repo_id, revision=revision, commit_message="Upload pruned model (hf_rlprune)")
-    logger.info("Pushed %s to %s%s", save_dir, repo_id, f" (revision {revision})" if revision else "")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,29 @@ def test_push_honours_private_repo_and_revision(tmp_path, hub_server):  # noqa: 
         HfApi(token=False).model_info("org/private-pruned")
 
 
+def test_callback_pushes_the_pruned_model_to_its_own_repo(tmp_path, hub_server):  # noqa: F811
+    from hf_rlprune import RLPruneConfig
+
+    from .test_callback import prune_config, train
+
+    train(tmp_path, prune_config(pruned_hub_model_id="org/cb-pruned"), hub_token=hub_server.token)
+    files = hub_server.hub.files("org/cb-pruned")
+    assert {"model.safetensors", "config.json", "pruning_report.json", "README.md"} <= set(files)
+    card = files["README.md"].decode()
+    assert 'from_pretrained("org/cb-pruned", trust_remote_code=True)' in card  # the card names the repo it is in
+    with pytest.raises(ValueError, match="pruned_hub_model_id pushes the model saved at train end"):
+        RLPruneConfig(pruned_hub_model_id="org/x", save_on_train_end=False)
+
+
+def test_prune_script_pushes_to_either_hub_setting():
+    prune = load_prune_script()
+    for argv, expected in ((["--push_to_hub", "--hub_model_id", "org/a"], (True, "org/a")),
+                           (["--pruned_hub_model_id", "org/b"], (True, "org/b")),
+                           ([], (False, None))):
+        _, config, training = prune.parse_args(["--smoke", "--output_dir", "x", *argv])
+        assert prune.hub_target(config, training) == expected, argv
+
+
 def test_smoke_cifar_run_with_onnx_export(tmp_path):
     prune = load_prune_script()
     report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
