@@ -291,7 +291,7 @@ class RLPruneCallback(TrainerCallback):
         if self.config.save_on_train_end and state.is_world_process_zero:
             from .card import push_pruned_folder, save_pruned_model
 
-            save_dir = self.config.save_dir or os.path.join(args.output_dir, "pruned")
+            save_dir = self._save_dir(args)
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name,
                               repo_id=self.config.pruned_hub_model_id)
             if self.config.pruned_hub_model_id:
@@ -314,11 +314,14 @@ class RLPruneCallback(TrainerCallback):
             )
         return dataset.remove_columns(unused) if unused else dataset
 
+    def _save_dir(self, args) -> str:
+        return self.config.save_dir or os.path.join(args.output_dir, "pruned")
+
     def _check_save_dir(self, args) -> None:
         """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""
         from .card import check_save_dir
 
-        save_dir = check_save_dir(self.config.save_dir or os.path.join(args.output_dir, "pruned"))
+        save_dir = check_save_dir(self._save_dir(args))
         output_dir = Path(args.output_dir).expanduser().resolve()
         if save_dir == output_dir or save_dir in output_dir.parents:
             raise ValueError(
