@@ -180,6 +180,7 @@ class RLPruneCallback(TrainerCallback):
         self.pruned_model = None
         self.report: dict | None = None
         self.latency_table = None  # LatencyTable for latency budgets / rewards, built once at train begin
+        self._state_saved_at: str | None = None  # the checkpoint on_push_begin wrote the state to
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -241,7 +242,7 @@ class RLPruneCallback(TrainerCallback):
         """The checkpoint the Trainer resumed from: TrainingArguments.resume_from_checkpoint when set, else the
         step's checkpoint under output_dir (TrainerCallback is not told the path given to `trainer.train`)."""
         candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
-        candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        candidates.append(self._checkpoint_dir(args, state))
         for candidate in candidates:
             if os.path.isfile(os.path.join(candidate, STATE_FILE)):
                 return candidate
@@ -272,9 +273,22 @@ class RLPruneCallback(TrainerCallback):
             self._run_round(args, state, control, model, optimizer)
         return control
 
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        # With hub_strategy "checkpoint" or "all_checkpoints" the Trainer uploads the checkpoint folder in the background
+        # before on_save runs, so the pruning state is written here first or the pushed checkpoint may lack it.
+        checkpoint = self._checkpoint_dir(args, state)
+        if state.is_world_process_zero and self.report is None and os.path.isdir(checkpoint):
+            self.save_state(checkpoint, model)
+            self._state_saved_at = checkpoint
+
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), model)
+        checkpoint = self._checkpoint_dir(args, state)
+        if state.is_world_process_zero and self._state_saved_at != checkpoint:  # not already written for the push
+            self.save_state(checkpoint, model)
+
+    @staticmethod
+    def _checkpoint_dir(args, state) -> str:
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint:

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
 from hf_rlprune import RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
@@ -107,6 +109,32 @@ def test_callback_pushes_the_pruned_model_to_its_own_repo(tmp_path, hub_server):
     assert 'from_pretrained("org/cb-pruned", trust_remote_code=True)' in card  # the card names the repo it is in
     with pytest.raises(ValueError, match="pruned_hub_model_id pushes the model saved at train end"):
         RLPruneConfig(pruned_hub_model_id="org/x", save_on_train_end=False)
+
+
+def test_a_checkpoint_pushed_during_training_holds_the_pruning_state(tmp_path, hub_server):  # noqa: F811
+    """hub_strategy "checkpoint": the Trainer starts uploading a checkpoint before on_save, so the state is written first."""
+    from transformers import TrainerCallback
+
+    from hf_rlprune.callback import AGENT_FILE, STATE_FILE
+
+    from .test_callback import train
+
+    state_there = []
+
+    class StateProbe(TrainerCallback):  # after RLPruneCallback in the handler, as the upload starts
+        def on_push_begin(self, args, state, control, **kwargs):
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            state_there.append(all(os.path.isfile(os.path.join(checkpoint, name)) for name in (STATE_FILE, AGENT_FILE)))
+
+    trainer, _ = train(tmp_path, trailing_callbacks=[StateProbe()], push_to_hub=True, hub_model_id="org/with-checkpoints",
+                       hub_token=hub_server.token, hub_strategy="checkpoint", save_strategy="steps", save_steps=10)
+    assert state_there and all(state_there)
+    files = hub_server.hub.files("org/with-checkpoints")
+    assert {f"last-checkpoint/{STATE_FILE}", f"last-checkpoint/{AGENT_FILE}"} <= set(files)
+    # the final push, after compaction, leaves the last checkpoint's masks alone (the compacted model has none)
+    trainer.push_to_hub()
+    with safe_open(tmp_path / "checkpoint-20" / STATE_FILE, framework="pt") as handle:
+        assert any(key.startswith("mask.") for key in handle.keys())
 
 
 def test_prune_script_pushes_to_either_hub_setting():
