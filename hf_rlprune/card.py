@@ -79,6 +79,19 @@ def _fmt_float(value, digits=4):
     return f"{value:.{digits}f}" if value is not None else "n/a"
 
 
+def _latency_where(report: dict) -> str:
+    """The sentence under the latency rows: which machine measured them (absent from reports written before it was
+    recorded), and how."""
+    if not report.get("latency_ms"):
+        return ""
+    hardware = report.get("latency_hardware") or {}
+    machines = ([f"CPU {hardware['cpu']} with {hardware['cpu_threads']} threads"] if "cpu" in hardware else []) + (
+        [f"GPU {hardware['gpu']}"] if "gpu" in hardware else [])
+    where = f" on {' and '.join(machines)}" if machines else ""
+    how = f", {report['latency_note']}" if report.get("latency_note") else ""
+    return f"Latency: medians of timed forward passes{where}{how}.\n"
+
+
 def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model", reproduce_command: str | None = None,
                       dataset_name: str | None = None, plot_file: str | None = None) -> ModelCard:
     """The model card: YAML with model-index eval results, text with the tables, plot and reproduce command.
@@ -130,6 +143,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
     rounds_text = f"{len(rounds)} of {planned} planned rounds (training ended before the rest)" if finished_early else f"{planned} rounds"
     target = (rounds[-1]["target"] if rounds else 1.0) if finished_early else report["target"]  # no round: still dense
     cost_note = report.get("cost_note", "")
+    latency_where = _latency_where(report)
     setup = report.get("reward_setup")  # absent from reports written before it was recorded
     if setup is None:
         reward_setup = ""
@@ -165,6 +179,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         trade_off_before=_fmt_float(report["trade_off_score"]["dense"]),
         trade_off_after=_fmt_float(report["trade_off_score"]["pruned"]),
         cost_note=cost_note,
+        latency_where=latency_where,
         layer_rows=layer_rows,
         plot_markdown=plot_markdown,
         method=report["method"],

@@ -34,7 +34,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
-from hf_rlprune.pruning import compare_latency, compute_macs, count_parameters
+from hf_rlprune.pruning import compare_latency, compute_macs, config_with_widths, count_parameters, latency_hardware
 from hf_rlprune.tasks import (
     PLAN_LEARNING_RATE,
     PRETRAIN_PATIENCE,
@@ -136,6 +136,11 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Rebuild table, plot and cards from these results JSON files (runs of one dense model merged; a later "
                                          "file's run of the same budget, method and seed replaces an earlier one)."}
     )
+    card_latency: bool = field(
+        default=False,
+        metadata={"help": "Cards of runs measured without latency (--latency_runs 0) get ONNX Runtime CPU latency at batch 1 and "
+                          "128, measured here on the pruned architecture and the dense one, rebuilt from the results; the card "
+                          "names this machine's CPU and threads."})
 
 
 def spearman(x, y) -> float:
@@ -240,6 +245,8 @@ def run_one(args, dense, data, tensors, method, budget, seed, device, autocast, 
         report["fine_tuning"] = {"selected_epoch": best_epoch.best_epoch,  # [epoch, accuracy] pairs:
                                  "reward_split_by_epoch": [list(pair) for pair in zip(best_epoch.epochs, best_epoch.accuracies)]}
     report["latency_ms"] = latency_figures(dense, pruned, device) if measure_latency_now else {}
+    if measure_latency_now:
+        report["latency_hardware"] = latency_hardware(report["latency_ms"])
     final_reward = callback.history[-1]["reward"] if callback.history else None
     logger.info("%s budget %.2f seed %d: test %.4f (dense %.4f), MACs %.3f, %d evaluations, search %.1fs, total %.1fs",
                 method, budget, seed, accuracy, data["dense_accuracy"], report["macs"]["pruned"] / report["macs"]["dense"],
@@ -403,11 +410,34 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
         name = f"{results['name']}-{int(round(100 * budget))}pct-macs"
         command = " && ".join(portable_command(part, results["task"]) for part in best.get("command", results["command"]).split(" && "))
         report = dict(best["report"], command=command)
+        if args.card_latency and not report.get("latency_ms"):
+            report.update(architecture_latency(results, report))
         has_plot = plot_accuracy_vs_macs(report, os.path.join(args.cards_dir, f"{name}.png"))
         card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"],
                                  plot_file=f"{name}.png" if has_plot else None)
         card.save(os.path.join(args.cards_dir, f"{name}.md"))
     return summary
+
+
+def architecture_latency(results: dict, report: dict) -> dict:
+    """ONNX Runtime CPU latency (batch 1 and 128) of a run's pruned architecture and of the dense one, measured here.
+    Widths, not weight values, set the time, so freshly initialized models with the run's widths stand in for the
+    trained ones; they are rebuilt from the results' arguments and checked against the run's MACs and params."""
+    settings = results["args"]
+    dense = build_model(results["task"], settings.get("model_preset", "reference"), max_length=settings.get("max_length") or 256,
+                        lstm_pooling=settings.get("lstm_pooling", "last"))
+    widths = {layer["name"]: layer["width"] for layer in report["layers"]}
+    pruned = type(dense)(config_with_widths(dense.config, widths))
+    rebuilt = {"macs": (compute_macs(dense.config), compute_macs(pruned.config)),
+               "params": (count_parameters(dense.config), count_parameters(pruned.config))}
+    for figure, (dense_value, pruned_value) in rebuilt.items():
+        if (dense_value, pruned_value) != (report[figure]["dense"], report[figure]["pruned"]):
+            raise ValueError(f"Rebuilt from {results['name']}'s arguments, the models have {figure} {dense_value} / {pruned_value}, "
+                             f"but the run recorded {report[figure]['dense']} / {report[figure]['pruned']}: its architecture is not "
+                             "known here. Measure latency in the run itself (--latency_runs).")
+    latency_ms = compare_latency(dense.eval(), pruned.eval(), [("onnxruntime", "cpu", 1), ("onnxruntime", "cpu", 128)])
+    return {"latency_ms": latency_ms, "latency_hardware": latency_hardware(latency_ms),
+            "latency_note": "measured after the run, on its architecture with freshly initialized weights"}
 
 
 def merge_results(paths: list[str]) -> dict:

@@ -26,7 +26,7 @@ from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
 from hf_rlprune.card import push_pruned_folder, save_pruned_model, update_trade_off
-from hf_rlprune.pruning import compare_latency, export_onnx
+from hf_rlprune.pruning import compare_latency, export_onnx, latency_hardware
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
@@ -255,6 +255,7 @@ def main(argv=None):
         report["command"] = reproduce_command(sys.argv[1:] if argv is None else argv)
         if script.measure_latency:
             report["latency_ms"] = latency_figures(callback.dense_config, pruned)
+            report["latency_hardware"] = latency_hardware(report["latency_ms"])
         logger.info("Pruned test accuracy: %.4f (dense %s); MACs %d -> %d", report["accuracy"]["pruned"],
                     "not trained" if dense_test_accuracy is None else f"{dense_test_accuracy:.4f}", report["macs"]["dense"], report["macs"]["pruned"])
         save_dir = os.path.join(training.output_dir, "pruned")

@@ -276,6 +276,22 @@ def test_pruning_while_pretraining_trains_a_fresh_model_for_the_whole_recipe(tmp
     card = (tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.md").read_text()
     assert "![accuracy versus MACs](cifar10-while-pretraining-50pct-macs.png)" in card and "{{" not in card
     assert (tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.png").stat().st_size > 0
+    assert "| latency" not in card and "Latency:" not in card  # --latency_runs 0
+    # --card_latency: the card of a run measured without latency gets it from its rebuilt architecture, measured here
+    results_path = str(tmp_path / "bench" / "cifar10-while-pretraining.json")
+    benchmark.main(["--report_only", results_path, "--card_latency", "True", "--output_dir", str(tmp_path / "again"),
+                    "--cards_dir", str(tmp_path / "cards_latency")])
+    card = (tmp_path / "cards_latency" / "cifar10-while-pretraining-50pct-macs.md").read_text()
+    assert "| latency onnxruntime_cpu_batch128 (ms, median) |" in card and "name: Latency onnxruntime_cpu_batch1 (ms)" in card
+    assert f"with {torch.get_num_threads()} threads, measured after the run, on its architecture with freshly initialized weights." in card
+    rewritten = json.loads((tmp_path / "again" / "cifar10-while-pretraining.json").read_text())
+    assert all(run["report"]["latency_ms"] == {} for run in rewritten["runs"])  # the raw results stay as the run wrote them
+    # an architecture the arguments do not rebuild (another preset) is refused, not measured
+    results["args"]["model_preset"] = "vgg6"
+    (tmp_path / "other.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="its architecture is not known here"):
+        benchmark.main(["--report_only", str(tmp_path / "other.json"), "--card_latency", "True", "--output_dir", str(tmp_path / "other"),
+                        "--cards_dir", str(tmp_path / "other_cards")])
 
 
 def test_pruning_while_pretraining_starts_from_the_seeds_initialization(scripts, monkeypatch):

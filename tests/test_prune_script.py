@@ -164,8 +164,7 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
 
 def test_smoke_run_pruning_while_training_from_scratch(tmp_path):
     prune = load_prune_script()
-    report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--measure_latency", "false",
-                         "--prune_while_pretraining", "--target", "0.3"])
+    report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--prune_while_pretraining", "--target", "0.3"])
     assert not (tmp_path / "dense").exists()  # nothing was pre-trained
     assert report["accuracy"]["dense"] is None and report["accuracy"]["pruned"] > 0.0
     assert report["macs"]["pruned"] <= 0.3 * report["macs"]["dense"]
@@ -174,6 +173,11 @@ def test_smoke_run_pruning_while_training_from_scratch(tmp_path):
     assert model.config.conv_channels == [layer["width"] for layer in report["layers"][:2]]
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert "{{" not in card and "Accuracy (dense" not in card
+    # latency, measured by default: in the results table and model-index, with the machine that measured it
+    assert set(report["latency_ms"]) == {f"{runtime}_cpu_batch{batch}" for runtime in ("onnxruntime", "torch") for batch in (1, 128)}
+    assert "| latency onnxruntime_cpu_batch128 (ms, median) |" in card and "name: Latency onnxruntime_cpu_batch128 (ms)" in card
+    assert report["latency_hardware"]["cpu_threads"] == torch.get_num_threads() and "gpu" not in report["latency_hardware"]
+    assert f"Latency: medians of timed forward passes on CPU {report['latency_hardware']['cpu']} with {torch.get_num_threads()} threads." in card
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from .groups import (
 )
 from .importance import IMPORTANCE_CRITERIA, TaylorAccumulator, unit_scores
 from .latency import compare_latency, LatencyResult, example_inputs, export_module_onnx, export_onnx, measure_latency, time_forward
-from .latency_table import LatencyTable
+from .latency_table import LatencyTable, latency_hardware
 from .masks import (
     apply_masks,
     mask_multipliers,
@@ -48,6 +48,7 @@ __all__ = [
     "get_masks",
     "get_prunable_groups",
     "group_widths",
+    "latency_hardware",
     "masked_widths",
     "masks_from_widths",
     "measure_latency",

@@ -90,6 +90,17 @@ def device_name(device: str = "cpu") -> str:
     return f"cpu: {model}" + (f" [{' '.join(present)}]" if present else "")
 
 
+def latency_hardware(latency_ms: dict) -> dict:
+    """Where figures keyed as `compare_latency` keys them ("<runtime>_<device>_batch<B>") were measured: the CPU and
+    its thread count for CPU keys, the GPU for CUDA keys. Call it on the machine that measured them."""
+    hardware = {}
+    if any("_cpu_" in key for key in latency_ms):
+        hardware.update(cpu=device_name("cpu").removeprefix("cpu: "), cpu_threads=torch.get_num_threads())
+    if any("_cuda_" in key for key in latency_ms):
+        hardware["gpu"] = device_name("cuda")
+    return hardware
+
+
 def runtime_version(runtime: str) -> str:
     """The versions the timings depend on: ONNX Runtime times the graph that torch's exporter wrote."""
     if runtime == "onnxruntime":
