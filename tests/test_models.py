@@ -208,6 +208,21 @@ def test_save_and_load_through_auto_classes(tmp_path, make, inputs):
     assert torch.equal(loaded(**batch).logits, model(**batch).logits)
 
 
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: tiny_cnn(num_labels=2), "image"),  # transformers leaves LABEL_0/LABEL_1 out of config.json
+    (lambda: tiny_cnn(id2label={0: "cat", 1: "dog", 2: "bird"}), "image"),
+    (lambda: tiny_lstm(num_labels=2), "text"),
+])
+def test_labels_survive_save_and_load(tmp_path, make, inputs):
+    model = make()
+    model.save_pretrained(tmp_path)
+    auto_class = AutoModelForImageClassification if inputs == "image" else AutoModelForSequenceClassification
+    loaded = auto_class.from_pretrained(tmp_path).eval()
+    assert loaded.config.id2label == model.config.id2label and loaded.config.label2id == model.config.label2id
+    batch = _example_inputs(inputs)
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
 @pytest.mark.parametrize("make, inputs", [(tiny_cnn, "image"), (tiny_lstm, "text")])
 def test_trust_remote_code_load_without_the_package(tmp_path, make, inputs):
     model = make(conv_channels=[3, 5], use_batch_norm=True) if inputs == "image" else make(lstm_hidden_sizes=[3])

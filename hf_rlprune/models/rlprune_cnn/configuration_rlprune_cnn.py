@@ -50,6 +50,15 @@ class RLPruneCNNConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self._validate()
 
+    def to_diff_dict(self):
+        # transformers leaves out an id2label equal to its own default (LABEL_0, LABEL_1), and __init__ would then
+        # fill in CIFAR-10's labels on loading: always save the labels
+        diff = super().to_diff_dict()
+        for name in ("id2label", "label2id"):
+            if getattr(self, name) is not None:
+                diff.setdefault(name, dict(getattr(self, name)))
+        return diff
+
     def _validate(self):
         if not self.conv_channels:
             raise ValueError("conv_channels must name at least one conv layer, e.g. [32, 64].")

@@ -53,6 +53,15 @@ class RLPruneLSTMConfig(PretrainedConfig):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self._validate()
 
+    def to_diff_dict(self):
+        # transformers leaves out an id2label equal to its own default (LABEL_0, LABEL_1), and __init__ would then
+        # fill in neg/pos labels on loading: always save the labels
+        diff = super().to_diff_dict()
+        for name in ("id2label", "label2id"):
+            if getattr(self, name) is not None:
+                diff.setdefault(name, dict(getattr(self, name)))
+        return diff
+
     def _validate(self):
         if not self.lstm_hidden_sizes:
             raise ValueError("lstm_hidden_sizes must name at least one LSTM layer, e.g. [128].")
