@@ -1,8 +1,12 @@
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, BertConfig
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import (
@@ -376,5 +380,30 @@ def test_bad_input_errors():
         apply_masks(model, {"conv_blocks.0": torch.zeros(6, dtype=torch.bool)})
     with pytest.raises(TypeError, match="cannot prune a Linear"):
         compact(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="cannot count the cost of a BertConfig"):
+        compute_macs(BertConfig())
     with pytest.raises(ValueError, match="Width 7"):
         masks_from_widths(model, {"conv_blocks.0": 7})
+
+
+def test_a_model_loaded_through_remote_code_first_is_named_with_the_fix(tmp_path):
+    """Loaded with trust_remote_code before hf_rlprune is imported, a model is transformers' copy of our class."""
+    RLPruneCNNForImageClassification(RLPruneCNNConfig(conv_channels=[3, 4], hidden_sizes=[5], image_size=8)).save_pretrained(tmp_path)
+    script = textwrap.dedent(
+        """
+        import sys
+        import transformers
+        model = transformers.AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True)
+        from hf_rlprune.pruning import compute_macs, export_onnx
+        for call in (lambda: compute_macs(model), lambda: compute_macs(model.config), lambda: export_onnx(model, sys.argv[1] + "/m.onnx")):
+            try:
+                call()
+                raise SystemExit("accepted")
+            except TypeError as error:
+                print(error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = result.stdout.strip().splitlines()
+    assert len(messages) == 3 and all("Import hf_rlprune before loading the model" in message for message in messages)

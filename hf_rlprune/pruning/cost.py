@@ -10,7 +10,7 @@ the card and the benchmarks all call these functions.
 from torch import nn
 
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
-from .groups import group_widths, width_fields
+from .groups import group_widths, unsupported, width_fields
 from .masks import masked_widths
 
 
@@ -70,7 +70,7 @@ def compute_macs(model_or_config, seq_len: int | None = None, widths: dict[str, 
         inputs = [fields["embedding_dim"]] + hidden[:-1]
         per_step = sum(4 * h * (i + h) for i, h in zip(inputs, hidden))
         return seq_len * per_step + _dense_macs(hidden[-1], fields["hidden_sizes"], 1)
-    raise TypeError(f"No cost model for {type(config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
+    raise unsupported(config, "count the cost of")
 
 
 def compute_flops(model_or_config, seq_len: int | None = None, widths: dict[str, int] | None = None) -> int:
@@ -95,7 +95,7 @@ def count_parameters(model_or_config, widths: dict[str, int] | None = None) -> i
         lstm = sum(4 * h * (i + h) + 8 * h for i, h in zip(inputs, hidden))
         embedding = config.vocab_size * fields["embedding_dim"]
         return embedding + lstm + _dense_params(hidden[-1], fields["hidden_sizes"], 1)
-    raise TypeError(f"No cost model for {type(config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
+    raise unsupported(config, "count the cost of")
 
 
 def trade_off_score(accuracy: float, flops: int) -> float:

@@ -56,13 +56,24 @@ class PrunableGroup:
     internal: tuple[TensorSlice, ...] = field(default_factory=tuple)  # e.g. an LSTM's recurrent columns
 
 
+def unsupported(model_or_config, what: str = "prune") -> TypeError:
+    """The error for a model or config hf_rlprune does not know: `what` it cannot do, and the fix."""
+    config = getattr(model_or_config, "config", model_or_config)
+    name = type(model_or_config).__name__
+    if getattr(config, "model_type", None) in (RLPruneCNNConfig.model_type, RLPruneLSTMConfig.model_type):
+        # the same model, but the class transformers imported from the checkpoint's own code (trust_remote_code)
+        return TypeError(
+            f"hf_rlprune cannot {what} this {name}: it is the copy of the class that transformers loaded from the "
+            f"checkpoint's code ({type(model_or_config).__module__}), not hf_rlprune's own. Import hf_rlprune before "
+            "loading the model, so the Auto classes use its registered classes, and load it again."
+        )
+    return TypeError(f"hf_rlprune cannot {what} a {name}: it knows RLPruneCNNForImageClassification and "
+                     "RLPruneLSTMForSequenceClassification only. Build your model from RLPruneCNNConfig or RLPruneLSTMConfig.")
+
+
 def check_supported(model: nn.Module) -> None:
     if not isinstance(model, SUPPORTED_MODELS):
-        names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
-        raise TypeError(
-            f"hf_rlprune cannot prune a {type(model).__name__}: it knows the structure of {names} only. "
-            "Build your model from RLPruneCNNConfig or RLPruneLSTMConfig."
-        )
+        raise unsupported(model)
 
 
 def get_prunable_groups(model_or_config) -> list[PrunableGroup]:
@@ -74,7 +85,7 @@ def get_prunable_groups(model_or_config) -> list[PrunableGroup]:
         return _cnn_groups(config)
     if isinstance(config, RLPruneLSTMConfig):
         return _lstm_groups(config)
-    raise TypeError(f"No prunable groups known for config {type(config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
+    raise unsupported(config, "find the prunable layers of")
 
 
 def _dense_consumers(config, hidden_index: int) -> tuple[TensorSlice, ...]:

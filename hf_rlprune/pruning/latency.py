@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
-from .groups import check_supported
+from .groups import check_supported, unsupported
 
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -46,7 +46,7 @@ def example_inputs(model_or_config, batch_size: int, seq_len: int | None = None,
         # ids >= 1 so no position counts as padding
         input_ids = torch.randint(1, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)  # (B, T)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    raise TypeError(f"No example inputs for {type(config).__name__}.")
+    raise unsupported(config, "make example inputs for")
 
 
 class _LogitsOnly(nn.Module):

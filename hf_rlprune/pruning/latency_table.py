@@ -45,7 +45,7 @@ from torch import nn
 
 from ..atomic import write_text_atomic
 from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
-from .groups import check_supported, config_with_widths, get_prunable_groups
+from .groups import check_supported, config_with_widths, get_prunable_groups, unsupported
 from .latency import RUNTIMES, _LogitsOnly, example_inputs, time_forward
 
 logger = logging.getLogger(__name__)
@@ -574,7 +574,7 @@ def _config_of(model_or_config):
         check_supported(model_or_config)
         return model_or_config.config
     if not isinstance(model_or_config, (RLPruneCNNConfig, RLPruneLSTMConfig)):
-        raise TypeError(f"No latency model for {type(model_or_config).__name__}; use RLPruneCNNConfig or RLPruneLSTMConfig.")
+        raise unsupported(model_or_config, "estimate the latency of")
     return model_or_config
 
 
