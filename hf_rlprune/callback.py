@@ -185,6 +185,11 @@ class RLPruneCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_supported(model)
+        if model.config.num_labels < 2:  # argmax over one output is always 0: every candidate would score the same
+            raise ValueError(
+                f"RLPruneCallback rewards classification accuracy on the reward split, but this model has num_labels = "
+                f"{model.config.num_labels} (a regression head). Prune a classifier (num_labels >= 2)."
+            )
         if state.global_step == 0 and self.dense_config is not None and model is not self.pruned_model:
             # a new run (another model, or the Trainer's model_init) through the same callback: prune it afresh
             self._reset_run_state()

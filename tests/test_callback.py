@@ -315,6 +315,9 @@ def test_bad_input(tmp_path):
         RLPruneConfig(refit_ridge=None)
     _, reward = tiny_data()
     callback = RLPruneCallback(prune_config(), reward_dataset=reward)
+    regression = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN, num_labels=1))
+    with pytest.raises(ValueError, match="num_labels = 1 \\(a regression head\\)"):
+        callback.on_train_begin(None, None, None, model=regression)
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
         callback._load_state_file(str(tmp_path))
     (tmp_path / STATE_FILE).write_bytes(b"\x00garbage")

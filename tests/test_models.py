@@ -39,6 +39,10 @@ def test_reference_cnn_shapes_and_loss():
     out = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([3, 7]))
     assert out.logits.shape == (2, 10)
     assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([3, 7])))
+    # images of another size or channel count are refused, not run with the dense layer sized for 32x32 (33x33 would run)
+    for shape in ((2, 3, 33, 33), (2, 3, 28, 28), (2, 1, 32, 32), (3, 32, 32)):
+        with pytest.raises(ValueError, match=r"takes \(batch, 3, 32, 32\)"):
+            model(pixel_values=torch.randn(shape))
 
 
 def test_vgg_style_cnn_from_config():

@@ -82,6 +82,13 @@ class RLPruneCNNForImageClassification(RLPruneCNNPreTrainedModel):
     def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         if pixel_values is None:
             raise ValueError("pixel_values is required: a float tensor of shape (batch, channels, height, width).")
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            # another size would run (or fail deep inside) with the dense layer and the MACs sized for image_size
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; this model takes (batch, {', '.join(map(str, expected))}) "
+                "(its config's num_channels and image_size). Resize the images, as the image processor saved with the model does."
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         hidden_states = pixel_values  # (B, C, H, W)
