@@ -253,15 +253,15 @@ class PruningEnv(gym.Env):
             return self.cost(candidate) <= self.budget * (1 + 1e-9)
 
         low, high = 1.0, 1.0 / max(min(ratios), 1e-6)
+        if fits(scaled(high)):  # every group at its cap fits: the bisection below would stop just short of it
+            low = high
         for _ in range(30):  # bisection on the common scale; cost is monotone in it
             middle = (low + high) / 2
             low, high = (middle, high) if fits(scaled(middle)) else (low, middle)
         filled = scaled(low)
-        if self.width_multiple == 1:
-            return filled  # every group then stops at most one unit short of its share
-        # Snapped widths move in whole multiples, so the common scale stops where the next step of any one group would
-        # overshoot, however much budget the others could still use. Top up one multiple at a time, the group furthest
-        # below its proportional share first, while the budget holds.
+        # Widths move in whole units (or multiples), so the common scale stops where the next step of any one group
+        # would overshoot (a conv channel costs far more than a dense unit), however much budget the others could still
+        # use. Top up one step at a time, the group furthest below its proportional share first, while the budget holds.
         while True:
             behind = sorted(range(len(filled)), key=lambda idx: filled[idx] / (ratios[idx] * self.dense_widths[idx]))
             for idx in behind:

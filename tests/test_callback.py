@@ -190,7 +190,9 @@ def test_same_seed_same_decisions_and_other_methods(tmp_path):
     _, uniform = train(tmp_path / "u", prune_config(method="uniform"))
     assert uniform.reward_evaluations == 2  # one evaluation per round
     ratios = list(uniform.history[-1]["keep_ratios"].values())
-    assert max(ratios) - min(ratios) < 0.2
+    # one keep ratio for every layer; the fill then gives the budget's leftover to the layer that can still grow
+    # (here the dense one: a conv channel costs far more than a dense unit)
+    assert ratios[0] == ratios[1] and ratios[2] >= ratios[0]
     _, random = train(tmp_path / "r", prune_config(method="random"))
     assert random.reward_evaluations == 8
     assert uniform.history[-1]["macs_ratio"] <= 0.3 and random.history[-1]["macs_ratio"] <= 0.3

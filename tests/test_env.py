@@ -59,6 +59,10 @@ def test_no_finished_episode_exceeds_the_budget(config, target, budget_kind, fil
         assert 1 <= width <= group.width
         if multiple > 1 and group.width > multiple and width != group.width:
             assert width % multiple == 0
+        if fill and multiple == 1 and width < group.width:  # the fill is maximal: one more unit anywhere breaks the budget
+            grown = dict(info["widths"], **{group.name: width + 1})
+            grown_cost = compute_macs(config, widths=grown) if budget_kind == "macs" else count_parameters(config, widths=grown)
+            assert grown_cost > target * dense * (1 + 1e-9), (group.name, info["widths"])
 
 
 def test_impossible_budget_is_a_clear_error():
@@ -80,6 +84,9 @@ def test_fill_budget_uses_the_budget_and_keeps_proportions_roughly():
     env_raw = PruningEnv(config, constant_accuracy, target=0.5, fill_budget=False)
     _, raw = run_episode(env_raw, [0.1, 0.1, 0.1])
     assert raw["macs_ratio"] < 0.05
+    # a budget of the whole model leaves it whole, whatever the actions
+    _, info = run_episode(PruningEnv(config, constant_accuracy, target=1.0), [0.5, 0.5, 0.5])
+    assert list(info["widths"].values()) == [32, 64, 512]
 
 
 def test_fill_tops_up_snapped_widths_until_no_multiple_fits():
