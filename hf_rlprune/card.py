@@ -2,14 +2,13 @@
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .atomic import atomic_directory
 from .models import RLPruneCNNConfig
-from .pruning import compute_macs, count_parameters, get_prunable_groups, group_widths, pruning_ratios, trade_off_score
+from .pruning import compute_flops, compute_macs, count_parameters, get_prunable_groups, group_widths, pruning_ratios, trade_off_score
 from .pruning.refit import batch_norms
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -20,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_report(dense_config, pruned_model, config, history, reward_accuracy_after=None, search_seconds=0.0,
-                 reward_evaluations=0, masks=None) -> dict:
+                 reward_evaluations=0) -> dict:
     """Everything known about a pruning run, as plain JSON-able values."""
     pruned_widths = group_widths(pruned_model.config)
     macs_before, macs_after = compute_macs(dense_config), compute_macs(pruned_model.config)
@@ -47,7 +46,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "policy": {layer["name"]: layer["keep_ratio"] for layer in layers},
         "layers": layers,
         "macs": {"dense": macs_before, "pruned": macs_after},
-        "flops": {"dense": 2 * macs_before, "pruned": 2 * macs_after},
+        "flops": {"dense": compute_flops(dense_config), "pruned": compute_flops(pruned_model.config)},
         "params": {"dense": params_before, "pruned": params_after},
         "pruning_ratio": pruning_ratios(dense_config, pruned_widths),
         "accuracy": {"split": "reward", "dense": None, "pruned": reward_accuracy_after},
@@ -206,7 +205,7 @@ def plot_accuracy_vs_macs(report: dict, path: str) -> bool:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     rounds = report.get("rounds", [])
     if rounds:
-        axis.plot([r["macs_ratio"] for r in rounds], [r["reward_accuracy"] for r in rounds], "o-", label="search rounds (reward split, after recovery)")
+        axis.plot([r["macs_ratio"] for r in rounds], [r["reward_accuracy"] for r in rounds], "o-", label="search rounds (reward split, at search time)")
     accuracy = report["accuracy"]
     dense_macs = report["macs"]["dense"]
     if accuracy.get("dense") is not None:
@@ -254,12 +253,7 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
     pruned model saved before, is replaced (`check_save_dir`).
     """
     save_dir = check_save_dir(save_dir)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = save_dir.parent / f".{save_dir.name}.tmp-{os.getpid()}"
-    old = save_dir.parent / f".{save_dir.name}.old-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with atomic_directory(save_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
@@ -268,16 +262,6 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
         card = render_model_card(report, repo_id=repo_id or f"your-org/{save_dir.name}", reproduce_command=reproduce_command,
                                  dataset_name=dataset_name, plot_file=PLOT_FILE if has_plot else None)
         card.save(staging / "README.md")
-        if save_dir.exists():
-            os.replace(save_dir, old)
-        os.replace(staging, save_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        if not save_dir.exists() and old.exists():  # the swap failed half-way: put the previous folder back
-            os.replace(old, save_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return save_dir
 
 

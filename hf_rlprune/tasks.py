@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
+from .atomic import atomic_directory
 from .data import (
     CachedImageDataset,
     ImageCollator,
@@ -22,8 +23,11 @@ from .data import (
     make_synthetic_cifar,
     make_synthetic_imdb,
     make_text_collator,
+    normalize_images,
+    random_crop_flip,
     split_reward,
     tokenize_dataset,
+    tokenized_to_tensors,
 )
 from .models import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from .reward import move_to_device
@@ -272,6 +276,7 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
         logging_steps=50,
         dataloader_drop_last=True,
         disable_tqdm=True,
+        max_grad_norm=0.0,  # the plan's (Keras) recipe clips nothing, nor does benchmark.py's pre-training loop
     )
     callbacks = []
     if patience is not None:
@@ -279,9 +284,10 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
     trainer = Trainer(model=model, args=args, train_dataset=task_data.train, data_collator=task_data.train_collator,
                       optimizers=plan_optimizer(model, learning_rate, lr_decay), callbacks=callbacks)
     trainer.train()
-    trainer.save_model(output_dir)  # main process only under DDP; the processing class goes beside the weights
-    if trainer.is_world_process_zero():
-        task_data.processing_class.save_pretrained(output_dir)
+    if trainer.is_world_process_zero():  # one writer; a run cut off mid-save leaves the previous folder, or none
+        with atomic_directory(output_dir) as staging:
+            model.save_pretrained(staging)
+            task_data.processing_class.save_pretrained(staging)
     return model
 
 
@@ -315,8 +321,6 @@ class DeviceBatchCollator:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, indices) -> dict:
-        from .data import normalize_images, random_crop_flip
-
         device = self.tensors["labels"].device
         index = torch.as_tensor(indices, device=device)
         if self.is_image:
@@ -335,8 +339,6 @@ class DeviceBatchCollator:
 
 def task_tensors(dataset, device, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """A prepared split (CachedImageDataset or tokenized Dataset) as tensors on `device`."""
-    from .data import tokenized_to_tensors
-
     if isinstance(dataset, CachedImageDataset):
         return {"images": dataset.images.to(device), "labels": dataset.labels.to(device)}
     tensors = tokenized_to_tensors(dataset.with_format(None), pad_token_id=pad_token_id, label_column="labels")

@@ -26,13 +26,14 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
-from hf_rlprune.atomic import write_text_atomic
+from hf_rlprune.atomic import atomic_directory, write_text_atomic
 from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, config_with_widths, count_parameters, latency_hardware
 from hf_rlprune.tasks import (
@@ -500,9 +501,10 @@ def setup_task(args: BenchmarkArguments) -> TaskSetup:
         patience = args.pretrain_patience if args.pretrain_patience is not None else PRETRAIN_PATIENCE.get(args.task)
         history = train_on_tensors(dense, tensors["train"], args.pretrain_epochs, batch_size=args.batch_size, seed=0,
                                    autocast_dtype=autocast, eval_tensors=tensors["reward"], patience=patience, log=logger.info)
-        if args.save_dense_to:
-            dense.save_pretrained(args.save_dense_to)
-            data.processing_class.save_pretrained(args.save_dense_to)
+        if args.save_dense_to:  # atomically: a run cut off mid-save must not leave a model --dense_model_path would load
+            with atomic_directory(args.save_dense_to) as staging:
+                dense.save_pretrained(staging)
+                data.processing_class.save_pretrained(staging)
     pretrain_seconds = time.perf_counter() - start
     dense_accuracy = tensor_accuracy(dense, tensors["test"], autocast_dtype=autocast)
     logger.info("dense %s: test accuracy %.4f after %.1fs", name, dense_accuracy, pretrain_seconds)
@@ -521,6 +523,10 @@ def main(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
+    saved_dense = args.save_dense_to and Path(args.save_dense_to)
+    if saved_dense and saved_dense.is_dir() and any(saved_dense.iterdir()) and not (saved_dense / "config.json").is_file():
+        raise ValueError(f"--save_dense_to {args.save_dense_to} holds other files and no saved model (config.json); saving "
+                         "replaces the whole folder. Name a new or empty folder.")
     if args.cpu_small:
         args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
         args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2

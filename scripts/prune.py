@@ -7,7 +7,8 @@
     python scripts/prune.py args.json                                                # every argument from one file
 
 Arguments come from three dataclasses: ScriptArguments (below), hf_rlprune.RLPruneConfig and TrainingArguments.
-The pruned model, its tokenizer/image processor, pruning_report.json and the model card land in <output_dir>/pruned.
+The pruned model, its tokenizer/image processor, pruning_report.json and the model card land in --save_dir
+(default <output_dir>/pruned).
 """
 
 import copy
@@ -19,13 +20,12 @@ import shlex
 import sys
 from dataclasses import dataclass, field, replace
 
-import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
-from hf_rlprune.card import push_pruned_folder, save_pruned_model, update_trade_off
+from hf_rlprune.card import check_save_dir, push_pruned_folder, save_pruned_model, update_trade_off
 from hf_rlprune.pruning import compare_latency, export_onnx, latency_hardware
 from hf_rlprune.tasks import (
     CNN_PRESETS,
@@ -122,6 +122,11 @@ def hub_target(prune: RLPruneConfig, training: TrainingArguments) -> tuple[bool,
     return training.push_to_hub or bool(prune.pruned_hub_model_id), prune.pruned_hub_model_id or training.hub_model_id
 
 
+def pruned_save_dir(prune: RLPruneConfig, training: TrainingArguments) -> str:
+    """Where the pruned model goes: --save_dir, else <output_dir>/pruned (as the callback saves it)."""
+    return prune.save_dir or os.path.join(training.output_dir, "pruned")
+
+
 def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
     """Fail before any data loading or training on anything we can check up front."""
     if script.task not in MODEL_TYPES:
@@ -138,6 +143,10 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
                          "number of rows (e.g. 5000).")
     if script.pretrain_patience is not None and script.pretrain_patience < 1:
         raise ValueError(f"--pretrain_patience {script.pretrain_patience} must be >= 1 (omit it for the task's default).")
+    if not prune.save_on_train_end:
+        raise ValueError("--save_on_train_end false: this script's output is the saved pruned model. Drop the flag (it is for "
+                         "RLPruneCallback in your own training script).")
+    check_save_dir(pruned_save_dir(prune, training))  # refused now, not after the training
     if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
         raise ValueError(f"--distill_alpha {script.distill_alpha} must be in [0, 1] and --distill_temperature "
                          f"{script.distill_temperature} > 0 (0 and 4: no distillation, the usual temperature).")
@@ -258,7 +267,7 @@ def main(argv=None):
             report["latency_hardware"] = latency_hardware(report["latency_ms"])
         logger.info("Pruned test accuracy: %.4f (dense %s); MACs %d -> %d", report["accuracy"]["pruned"],
                     "not trained" if dense_test_accuracy is None else f"{dense_test_accuracy:.4f}", report["macs"]["dense"], report["macs"]["pruned"])
-        save_dir = os.path.join(training.output_dir, "pruned")
+        save_dir = pruned_save_dir(prune, training)
         save_pruned_model(pruned, save_dir, report, processing_class=task_data.processing_class, repo_id=hub_model_id,
                           reproduce_command=report["command"], dataset_name=prune.dataset_name or script.task)
         if script.export_onnx:
@@ -273,5 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

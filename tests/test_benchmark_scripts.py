@@ -206,9 +206,12 @@ def test_lstm_width_outliers_counts_runs_per_compacted_shape(tmp_path, monkeypat
     assert "a multiple of 8, not of 32 (40-184): False  input size multiple of 8: True   runs:   1  below 0.84 test: 0" in printed  # 64
 
 
-def test_benchmark_refuses_bad_settings_before_loading_data(monkeypatch):
+def test_benchmark_refuses_bad_settings_before_loading_data(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     benchmark = importlib.import_module("benchmark")
+    (tmp_path / "notes.txt").write_text("mine")  # saving the dense model replaces the folder: not one of other files
+    with pytest.raises(ValueError, match="--save_dense_to .* holds other files and no saved model"):
+        benchmark.main(["--task", "cifar10", "--save_dense_to", str(tmp_path)])
     with pytest.raises(ValueError, match="--refit_applied True needs --refit_ridge"):
         benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
     with pytest.raises(ValueError, match="--while_pretraining_lr 'cosine': choose 'plan' or 'plan_then_finetune'"):

@@ -148,9 +148,16 @@ def test_prune_script_pushes_to_either_hub_setting():
 
 def test_smoke_cifar_run_with_onnx_export(tmp_path):
     prune = load_prune_script()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds other files"):  # refused before any training
+        prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--save_dir", str(other)])
+    assert not (tmp_path / "dense").exists() and (other / "notes.txt").read_text() == "mine"
+    folder = tmp_path / "my-pruned"
     report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
-                         "--target", "0.4", "--distill_alpha", "0.5"])  # distillation from the dense model: same outputs
-    folder = tmp_path / "pruned"
+                         "--target", "0.4", "--distill_alpha", "0.5", "--save_dir", str(folder)])  # distillation: same outputs
+    assert not (tmp_path / "pruned").exists()  # --save_dir, not the default <output_dir>/pruned
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert report["macs"]["pruned"] <= 0.4 * report["macs"]["dense"]
     assert report["layers"][0]["width"] == model.config.conv_channels[0] < report["layers"][0]["dense_width"]
@@ -191,6 +198,7 @@ def test_smoke_run_pruning_while_training_from_scratch(tmp_path):
         (["--smoke", "--pretrain_patience", "0"], ValueError, "--pretrain_patience 0 must be >= 1"),
         (["--smoke", "--reward_size", "1.5"], ValueError, "--reward_size 1.5: give a fraction"),
         (["--smoke", "--prune_while_pretraining", "--model_name_or_path", "x"], ValueError, "drop --model_name_or_path"),
+        (["--smoke", "--save_on_train_end", "false"], ValueError, "--save_on_train_end false: this script's output"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
