@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy, run_search
+from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy
 from .atomic import atomic_write
+from .card import build_report, check_save_dir, push_pruned_folder, save_pruned_model
 from .config import RLPruneConfig
 from .env import OBSERVATION_FEATURES, PruningEnv, PruningVectorEnv
 from .pruning import (
@@ -41,7 +42,9 @@ from .pruning import (
     masks_from_widths,
     remove_masks,
 )
+from .pruning.latency_table import LatencyTable, default_cache_dir
 from .reward import RewardEvaluator, batched_accuracy, move_to_device, take_batches
+from .search import run_search
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +120,6 @@ def _inner_optimizer(optimizer):
 def build_latency_table(model_config, cfg: RLPruneConfig):
     """The latency table `cfg` asks for: the deployment machine's file when `latency_table_path` is set, otherwise
     measured here (runtime, device, batch, threads) or loaded from its JSON cache."""
-    from .pruning.latency_table import LatencyTable, default_cache_dir
-
     if cfg.latency_table_path is not None:
         return LatencyTable.load_for(cfg.latency_table_path, model_config, cfg.latency_runtime, cfg.latency_batch_size)
     return LatencyTable.build(model_config, runtime=cfg.latency_runtime, batch_size=cfg.latency_batch_size, device=cfg.latency_device,
@@ -308,8 +309,6 @@ class RLPruneCallback(TrainerCallback):
             )
         self.finalize(model)
         if self.config.save_on_train_end and state.is_world_process_zero:
-            from .card import push_pruned_folder, save_pruned_model
-
             save_dir = self._save_dir(args)
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name,
                               repo_id=self.config.pruned_hub_model_id)
@@ -338,8 +337,6 @@ class RLPruneCallback(TrainerCallback):
 
     def _check_save_dir(self, args) -> None:
         """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""
-        from .card import check_save_dir
-
         save_dir = check_save_dir(self._save_dir(args))
         output_dir = Path(args.output_dir).expanduser().resolve()
         if save_dir == output_dir or save_dir in output_dir.parents:
@@ -481,7 +478,6 @@ class RLPruneCallback(TrainerCallback):
     def finalize(self, model) -> None:
         """Compact `model` in place and build the report (reward-split accuracy before/after, cost, policy)."""
         dense_config = self.dense_config
-        masks = get_masks(model)
         evaluator = self._evaluator
         if evaluator is None:
             reward_batches = []
@@ -498,14 +494,10 @@ class RLPruneCallback(TrainerCallback):
         for name, child in small.named_children():  # in-place swap: trainer.model becomes the small model
             setattr(model, name, child)
         model.config = small.config
-        for attr in ("_rlprune_masks", "_rlprune_hook_handles", "_rlprune_multipliers"):
-            if hasattr(model, attr):
-                delattr(model, attr)
+        remove_masks(model)  # its hooks were on the masked parameters, now replaced by the compacted ones
         self.pruned_model = model
         compacted_logits = {name: _first_batch_logits(model, reward_batches, dtype) for name, dtype in precisions.items()}
         compaction_check = _check_compaction(masked_logits, compacted_logits)
-        from .card import build_report
-
         self.report = build_report(
             dense_config=dense_config,
             pruned_model=model,
@@ -514,7 +506,6 @@ class RLPruneCallback(TrainerCallback):
             reward_accuracy_after=batched_accuracy(model, reward_batches) if reward_batches else None,
             search_seconds=self.search_seconds,
             reward_evaluations=self.reward_evaluations,
-            masks=masks,
         )
         if compaction_check is not None:
             self.report["compaction_check"] = compaction_check

@@ -2,7 +2,7 @@
 softened predictions (Hinton et al., 2015), which carry what the dense model knew about every class.
 
 A `Trainer` subclass, because a `TrainerCallback` cannot change the loss. Use it in place of `Trainer` with
-`RLPruneCallback` as usual; the callback's reward (short recovery on the reward split) is unchanged.
+`RLPruneCallback` as usual; the callback's reward (accuracy on the reward split) is unchanged.
 """
 
 import torch

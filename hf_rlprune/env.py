@@ -11,7 +11,7 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 
-from .pruning import compute_macs, count_parameters, get_prunable_groups
+from .pruning import compute_macs, count_parameters, get_prunable_groups, masked_widths
 
 BUDGET_KINDS = ("macs", "params", "latency")
 REWARD_MODES = ("budget_accuracy", "trade_off", "amc")
@@ -136,8 +136,6 @@ class PruningEnv(gym.Env):
         return self._costs[key]
 
     def _max_keep_from_masks(self, model_or_config) -> list[float]:
-        from .pruning import masked_widths  # a config has no masks
-
         if not hasattr(model_or_config, "config"):
             return [1.0] * len(self.groups)
         alive = masked_widths(model_or_config)

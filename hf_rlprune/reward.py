@@ -1,9 +1,11 @@
-"""Reward evaluation: accuracy on the reward split of a candidate allocation, after a short recovery.
+"""Reward evaluation: accuracy on the reward split of a candidate allocation, after its refit and any recovery.
 
 Accuracy measured right after masking ranks allocations badly (a policy it picks loses to uniform pruning once
-both are fine-tuned), so each candidate is masked on a scratch copy of the live model, trained for
-`recovery_steps` on a fixed set of training batches, and only then measured. Every candidate in a round sees the
-same weights, the same recovery batches and the same reward batches, so rewards are comparable and deterministic.
+both are fine-tuned), so each candidate is masked on a scratch copy of the live model; with `refit_ridge` set (the
+callback's default) its pruned layers' consumers are refitted by ridge least squares to the unpruned model's outputs;
+it may then be trained for `recovery_steps` on a fixed set of training batches; only then is it measured. Every
+candidate in a round sees the same weights, the same training batches and the same reward batches, so rewards are
+comparable and deterministic.
 
 Candidates are evaluated several at a time: masked sub-networks share the dense shapes, so their weights stack
 along a new leading dimension and `torch.func.vmap` trains and measures all of them in one pass per batch (convs

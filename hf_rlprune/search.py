@@ -1,4 +1,7 @@
-"""Episode loop shared by the PPO agent and the baselines: one episode = one reward evaluation."""
+"""Episode loop shared by the PPO agent and the baselines: one episode = one reward evaluation.
+
+It lives outside `agent/`, since it drives the pruning environments (and so the model they prune); the agent
+itself only maps observations to actions."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..env import PruningEnv, PruningVectorEnv
-from .baselines import SearchPolicy
-from .ppo import PPOAgent
+from .agent import PPOAgent, SearchPolicy
+from .env import PruningEnv, PruningVectorEnv
 
 
 @dataclass

@@ -14,11 +14,10 @@ from hf_rlprune.agent import (
     UniformPolicy,
     clipped_policy_loss,
     compute_gae,
-    evaluate_policy,
     ppo_update,
-    run_search,
 )
 from hf_rlprune.agent.ppo import ActorCritic, RolloutBatch
+from hf_rlprune.search import evaluate_policy, run_search
 
 from .synthetic_env import SyntheticPruneEnv
 

@@ -2,7 +2,6 @@
 
 from .baselines import RandomSearchPolicy, SearchPolicy, UniformPolicy
 from .ppo import ActorCritic, PPOAgent, PPOConfig, clipped_policy_loss, compute_gae, ppo_update
-from .search import SearchResult, evaluate_policy, run_search
 
 __all__ = [
     "ActorCritic",
@@ -10,11 +9,8 @@ __all__ = [
     "PPOConfig",
     "RandomSearchPolicy",
     "SearchPolicy",
-    "SearchResult",
     "UniformPolicy",
     "clipped_policy_loss",
     "compute_gae",
-    "evaluate_policy",
     "ppo_update",
-    "run_search",
 ]

@@ -101,7 +101,7 @@ def count_parameters(model_or_config, widths: dict[str, int] | None = None) -> i
 def trade_off_score(accuracy: float, flops: int) -> float:
     """The experiment plan's trade-off score: accuracy / FLOPs, reported per GFLOP so it reads as a number."""
     if flops <= 0:
-        raise ValueError("flops must be positive.")
+        raise ValueError(f"flops = {flops} must be > 0: the trade-off score divides accuracy by GFLOPs.")
     return accuracy / (flops / 1e9)
 
 

@@ -171,7 +171,7 @@ def measure_latency(
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose one of {RUNTIMES}.")
     if batch_size < 1 or repeats < 1:
-        raise ValueError("batch_size and repeats must be >= 1.")
+        raise ValueError(f"batch_size = {batch_size} and repeats = {repeats} must both be >= 1.")
     threads = threads or torch.get_num_threads()
     inputs = example_inputs(model, batch_size, seq_len)
     wrapper = _LogitsOnly(copy.deepcopy(model).float().eval(), list(inputs))

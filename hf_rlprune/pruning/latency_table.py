@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..models import RLPruneCNNConfig, RLPruneLSTMConfig
+from ..models import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from .groups import check_supported, config_with_widths, get_prunable_groups, unsupported
 from .latency import RUNTIMES, _LogitsOnly, example_inputs, time_forward
 
@@ -333,15 +333,6 @@ class LatencyTable:
     def dense_ms(self) -> float:
         return self(self.dense_widths)
 
-    def per_layer(self, widths: dict[str, int] | None = None) -> dict[str, float]:
-        """Each layer's share of the estimate, plus "overhead", for reports."""
-        widths = {**self.dense_widths, **(widths or {})}
-        shares = {
-            layer.name: layer(widths[layer.in_group] if layer.in_group else 0, widths[layer.out_group] if layer.out_group else 0)
-            for layer in self.layers
-        }
-        return {**shares, "overhead": self.overhead_ms}
-
     # ---- persistence ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -564,8 +555,6 @@ def _calibrate(table: "LatencyTable", allocations: list[dict[str, int]], measure
 
 
 def _model_class(config):
-    from ..models import RLPruneCNNForImageClassification, RLPruneLSTMForSequenceClassification
-
     return RLPruneCNNForImageClassification if isinstance(config, RLPruneCNNConfig) else RLPruneLSTMForSequenceClassification
 
 

@@ -6,7 +6,7 @@ Trainer's optimizer, DDP and mixed precision keep working; `compact` removes the
 import torch
 from torch import nn
 
-from .groups import PrunableGroup, check_supported, get_prunable_groups
+from .groups import check_supported, get_prunable_groups
 from .importance import TaylorAccumulator, unit_scores
 
 _MASKS_ATTR = "_rlprune_masks"
@@ -172,6 +172,3 @@ def masked_widths(model: nn.Module) -> dict[str, int]:
     masks = get_masks(model)
     return {group.name: int(masks[group.name].sum()) if group.name in masks else group.width for group in get_prunable_groups(model)}
 
-
-def groups_by_name(model_or_config) -> dict[str, PrunableGroup]:
-    return {group.name: group for group in get_prunable_groups(model_or_config)}

@@ -206,7 +206,7 @@ def _ridge_update(features: torch.Tensor, residual: torch.Tensor, ridge: float, 
 
 @torch.no_grad()
 def refit_consumers(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict], reference: dict[str, torch.Tensor],
-                    ridge: float = 0.1, max_rows: int = MAX_ROWS) -> list[str]:
+                    ridge: float = 0.01, max_rows: int = MAX_ROWS) -> list[str]:
     """Refit, in place and in forward order, the consumer of every group of the masked `model` to `reference`
     (`reference_outputs` of the unpruned model on the same `batches`). Masked weights stay zero. Returns the names
     of the parameters it changed (consumer weights and biases).

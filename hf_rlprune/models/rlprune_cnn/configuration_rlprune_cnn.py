@@ -79,7 +79,7 @@ class RLPruneCNNConfig(PretrainedConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout = {self.dropout} must be in [0, 1).")
         if self.num_labels < 1:
-            raise ValueError("num_labels must be >= 1.")
+            raise ValueError(f"num_labels = {self.num_labels} must be >= 1 (one output per class).")
         if min(self.feature_map_sizes()) < 1:
             raise ValueError(
                 f"image_size = {self.image_size} is too small for {len(self.conv_channels)} convs with padding "
