@@ -89,12 +89,31 @@ class ScriptArguments:
     distill_temperature: float = field(default=4.0, metadata={"help": "Softening temperature of the distillation."})
 
 
+def expand_json_arguments(argv: list[str]) -> list[str]:
+    """`prune.py args.json`: the file's arguments as the command line they stand for, so both are parsed alike (the
+    same defaults) and the card's reproduce command spells them out instead of naming a file that is not published."""
+    if not (len(argv) == 1 and argv[0].endswith(".json")):
+        return argv
+    with open(argv[0]) as handle:
+        values = json.load(handle)
+    if not isinstance(values, dict):
+        raise ValueError(f"{argv[0]} must hold one JSON object of argument names and values, e.g. "
+                         '{"task": "cifar10", "target": 0.25, "output_dir": "outputs/cifar10-25"}.')
+    expanded = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        items = value if isinstance(value, list) else [value]
+        expanded += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
+    return expanded
+
+
 def parse_args(argv=None):
     # no abbreviated options: every option is spelled out, so secrets can be recognised and left out of the card
     parser = HfArgumentParser((ScriptArguments, RLPruneConfig, TrainingArguments), allow_abbrev=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    argv = expand_json_arguments(sys.argv[1:] if argv is None else argv)
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
         argv = [*argv, "--output_dir", "outputs/smoke" if "--smoke" in argv else "outputs/prune"]
     return parser.parse_args_into_dataclasses(args=argv)
@@ -261,7 +280,7 @@ def main(argv=None):
             "reward_split_pruned": report["accuracy"]["pruned"],
         }
         update_trade_off(report)
-        report["command"] = reproduce_command(sys.argv[1:] if argv is None else argv)
+        report["command"] = reproduce_command(expand_json_arguments(sys.argv[1:] if argv is None else argv))
         if script.measure_latency:
             report["latency_ms"] = latency_figures(callback.dense_config, pruned)
             report["latency_hardware"] = latency_hardware(report["latency_ms"])
@@ -269,7 +288,7 @@ def main(argv=None):
                     "not trained" if dense_test_accuracy is None else f"{dense_test_accuracy:.4f}", report["macs"]["dense"], report["macs"]["pruned"])
         save_dir = pruned_save_dir(prune, training)
         save_pruned_model(pruned, save_dir, report, processing_class=task_data.processing_class, repo_id=hub_model_id,
-                          reproduce_command=report["command"], dataset_name=prune.dataset_name or script.task)
+                          reproduce_command=report["command"], dataset_name=prune.dataset_name or (None if script.smoke else script.task))  # smoke data is synthetic
         if script.export_onnx:
             tmp = os.path.join(save_dir, f".model.onnx.tmp-{os.getpid()}")
             export_onnx(pruned, tmp)

@@ -57,7 +57,8 @@ def test_smoke_run_pushes_to_the_hub_and_loads_back(tmp_path, hub_server):  # no
     assert report["macs"]["pruned"] <= 0.5 * report["macs"]["dense"]
     card = (folder / "README.md").read_text()
     assert "{{" not in card and "org/imdb-pruned" in card and "model-index" in card
-    assert "- stanfordnlp/imdb" in card and "## Reproduce\n\n```bash\npython scripts/prune.py --smoke --task imdb" in card
+    assert "## Reproduce\n\n```bash\npython scripts/prune.py --smoke --task imdb" in card
+    assert "stanfordnlp/imdb" not in card and "datasets:" not in card  # the smoke run's data is synthetic, not IMDB
     for path in output_dir.rglob("*"):  # the token is never written anywhere
         if path.is_file() and path.suffix in (".json", ".md", ".txt", ".py"):
             assert hub_server.token not in path.read_text(errors="ignore"), path
@@ -242,6 +243,26 @@ def test_smoke_settings_rebuild_the_training_arguments():
     smoke = prune.apply_smoke_settings(script, config, training)
     assert smoke.use_cpu and smoke.device.type == "cpu" and smoke.save_strategy is SaveStrategy.NO
     assert smoke.seed == 3 and smoke.output_dir == "x" and smoke.num_train_epochs == 2 and script.max_length == 64
+
+
+def test_a_json_file_of_arguments_parses_as_its_command_line(tmp_path):
+    prune = load_prune_script()
+    arguments = {"smoke": True, "task": "imdb", "target": 0.3, "report_to": ["none"], "hub_token": "hf_SECRET",
+                 "lr_scheduler_kwargs": {"num_cycles": 2}, "save_dir": None}
+    (tmp_path / "args.json").write_text(json.dumps(arguments))
+    argv = ["--smoke", "true", "--task", "imdb", "--target", "0.3", "--report_to", "none", "--hub_token", "hf_SECRET",
+            "--lr_scheduler_kwargs", '{"num_cycles": 2}']
+    assert prune.expand_json_arguments([str(tmp_path / "args.json")]) == argv
+    from_file, from_line = prune.parse_args([str(tmp_path / "args.json")]), prune.parse_args(argv)
+    assert from_file == from_line and from_file[2].output_dir == "outputs/smoke"  # the command line's default folder too
+    assert from_file[2].lr_scheduler_kwargs == {"num_cycles": 2}
+    # the card spells the arguments out (the file is not published with it), without the token
+    command = prune.reproduce_command(prune.expand_json_arguments([str(tmp_path / "args.json")]))
+    assert command == "python scripts/prune.py --smoke true --task imdb --target 0.3 --report_to none --lr_scheduler_kwargs " \
+                      "'{\"num_cycles\": 2}'"
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="one JSON object of argument names and values"):
+        prune.parse_args([str(tmp_path / "list.json")])
 
 
 def test_reproduce_command_never_holds_the_token():
