@@ -104,9 +104,12 @@ class PruningEnv(gym.Env):
         self.budget = self.target * self.dense_cost
         smallest = self.cost(self.min_widths)
         if smallest > self.budget * (1 + 1e-9):
+            floor = self.cost([1] * len(self.groups))  # what no min_keep gets under: unpruned layers, a runtime's fixed cost
+            fix = (f"Raise the target: even one unit per group costs {floor / self.dense_cost:.3f} x dense."
+                   if floor > self.budget * (1 + 1e-9) else "Raise the target or lower min_keep.")
             raise ValueError(
                 f"The budget of {self.target:.3f} x dense {budget_kind} cannot be met: keeping only min_keep={min_keep} "
-                f"of every group still costs {smallest / self.dense_cost:.3f} x dense. Raise the target or lower min_keep."
+                f"of every group still costs {smallest / self.dense_cost:.3f} x dense. {fix}"
             )
         self._group_macs, self._group_params = self._group_shares()
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)

@@ -68,6 +68,10 @@ def test_no_finished_episode_exceeds_the_budget(config, target, budget_kind, fil
 def test_impossible_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot be met.*Raise the target or lower min_keep"):
         PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.01, min_keep=0.5)
+    # a latency whose fixed part alone is over budget: lowering min_keep cannot help, so it is not suggested
+    with pytest.raises(ValueError, match=r"Raise the target: even one unit per group costs 0\.9\d\d x dense\.$"):
+        PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.5, budget_kind="latency",
+                   latency_fn=lambda widths: 10.0 + 0.001 * sum(widths.values()))
     with pytest.raises(ValueError, match="target"):
         PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=1.5)
     with pytest.raises(ValueError, match="budget_kind"):

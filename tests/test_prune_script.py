@@ -217,7 +217,7 @@ def latency_cache(tmp_path_factory):
 @pytest.mark.parametrize(
     "budget, message",
     [
-        (["--target", "0.01"], r"0\.010 x dense latency cannot be met.*Raise the target or lower min_keep"),
+        (["--target", "0.01"], r"0\.010 x dense latency cannot be met.*Raise the target"),
         (["--target_latency_ms", "1e6"], r"not below the dense model's estimated latency.*Lower target_latency_ms"),
         (["--target_latency_ms", "1e-4"], r"target_latency_ms = 0\.0001 is 0\.000 x the dense model's estimated .* cannot be met"),
     ],
