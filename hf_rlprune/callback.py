@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -337,13 +336,7 @@ class RLPruneCallback(TrainerCallback):
 
     def _check_save_dir(self, args) -> None:
         """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""
-        save_dir = check_save_dir(self._save_dir(args))
-        output_dir = Path(args.output_dir).expanduser().resolve()
-        if save_dir == output_dir or save_dir in output_dir.parents:
-            raise ValueError(
-                f"save_dir {str(save_dir)!r} holds the Trainer's output_dir, where checkpoints are written, and saving the "
-                "pruned model replaces the whole folder. Name a folder of its own, e.g. <output_dir>/pruned (the default)."
-            )
+        check_save_dir(self._save_dir(args), output_dir=args.output_dir)
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batch_count(self) -> int:

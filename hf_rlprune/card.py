@@ -223,10 +223,18 @@ def plot_accuracy_vs_macs(report: dict, path: str) -> bool:
     return True
 
 
-def check_save_dir(save_dir) -> Path:
+def check_save_dir(save_dir, output_dir=None) -> Path:
     """`save_dir` as an absolute path, if saving may replace it: it does not exist, is empty, or holds a pruned model
-    saved before (its pruning_report.json). Any other folder is refused, since the save replaces the whole folder."""
+    saved before (its pruning_report.json). Any other folder is refused, since the save replaces the whole folder, and
+    so is one holding the Trainer's `output_dir` (its checkpoints are written there during training)."""
     save_dir = Path(save_dir).expanduser().resolve()
+    if output_dir is not None:
+        output = Path(output_dir).expanduser().resolve()
+        if save_dir == output or save_dir in output.parents:
+            raise ValueError(
+                f"save_dir {str(save_dir)!r} holds the Trainer's output_dir, where checkpoints are written, and saving the "
+                "pruned model replaces the whole folder. Name a folder of its own, e.g. <output_dir>/pruned (the default)."
+            )
     if save_dir.exists() and not save_dir.is_dir():
         raise ValueError(f"save_dir {str(save_dir)!r} is a file; name a folder for the pruned model.")
     cwd = Path.cwd().resolve()

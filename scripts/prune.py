@@ -165,7 +165,7 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
     if not prune.save_on_train_end:
         raise ValueError("--save_on_train_end false: this script's output is the saved pruned model. Drop the flag (it is for "
                          "RLPruneCallback in your own training script).")
-    check_save_dir(pruned_save_dir(prune, training))  # refused now, not after the training
+    check_save_dir(pruned_save_dir(prune, training), output_dir=training.output_dir)  # refused now, not after the training
     if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
         raise ValueError(f"--distill_alpha {script.distill_alpha} must be in [0, 1] and --distill_temperature "
                          f"{script.distill_temperature} > 0 (0 and 4: no distillation, the usual temperature).")

@@ -155,6 +155,9 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
     with pytest.raises(ValueError, match="already holds other files"):  # refused before any training
         prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--save_dir", str(other)])
     assert not (tmp_path / "dense").exists() and (other / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="holds the Trainer's output_dir"):  # it would replace the dense model and checkpoints
+        prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path / "out"), "--save_dir", str(tmp_path)])
+    assert not (tmp_path / "out").exists()
     folder = tmp_path / "my-pruned"
     report = prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--export_onnx", "--measure_latency", "false",
                          "--target", "0.4", "--distill_alpha", "0.5", "--save_dir", str(folder)])  # distillation: same outputs
