@@ -223,30 +223,31 @@ def plot_accuracy_vs_macs(report: dict, path: str) -> bool:
     return True
 
 
-def check_save_dir(save_dir, output_dir=None) -> Path:
-    """`save_dir` as an absolute path, if saving may replace it: it does not exist, is empty, or holds a pruned model
-    saved before (its pruning_report.json). Any other folder is refused, since the save replaces the whole folder, and
-    so is one holding the Trainer's `output_dir` (its checkpoints are written there during training)."""
+def check_save_dir(save_dir, output_dir=None, marker: str = REPORT_FILE, name: str = "save_dir") -> Path:
+    """`save_dir` as an absolute path, if saving a model may replace it: it does not exist, is empty, or holds a model
+    saved there before (its `marker` file: pruning_report.json for a pruned model, config.json for a dense one). Any
+    other folder is refused, since the save replaces the whole folder, and so is one holding the run's `output_dir`
+    (the Trainer's checkpoints, a benchmark's results) or the working directory. `name` is the setting, for errors."""
     save_dir = Path(save_dir).expanduser().resolve()
     if output_dir is not None:
         output = Path(output_dir).expanduser().resolve()
         if save_dir == output or save_dir in output.parents:
             raise ValueError(
-                f"save_dir {str(save_dir)!r} holds the Trainer's output_dir, where checkpoints are written, and saving the "
-                "pruned model replaces the whole folder. Name a folder of its own, e.g. <output_dir>/pruned (the default)."
+                f"{name} {str(save_dir)!r} holds the output_dir ({output}), where the run writes its checkpoints or results, "
+                "and saving the model replaces the whole folder. Name a folder of its own, e.g. <output_dir>/pruned."
             )
     if save_dir.exists() and not save_dir.is_dir():
-        raise ValueError(f"save_dir {str(save_dir)!r} is a file; name a folder for the pruned model.")
+        raise ValueError(f"{name} {str(save_dir)!r} is a file; name a folder for the model.")
     cwd = Path.cwd().resolve()
     if save_dir == cwd or save_dir in cwd.parents:
-        raise ValueError(f"save_dir {str(save_dir)!r} holds the current working directory, and saving replaces the whole "
+        raise ValueError(f"{name} {str(save_dir)!r} holds the current working directory, and saving replaces the whole "
                          "folder; name a folder of its own, e.g. ./pruned.")
-    if save_dir.is_dir() and any(save_dir.iterdir()) and not (save_dir / REPORT_FILE).is_file():
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not (save_dir / marker).is_file():
         entries = sorted(entry.name for entry in save_dir.iterdir())
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(
-            f"save_dir {str(save_dir)!r} already holds other files ({shown}) and no {REPORT_FILE}, so it is not a pruned "
-            "model saved before; saving replaces the whole folder. Name a new or empty folder (e.g. <output_dir>/pruned)."
+            f"{name} {str(save_dir)!r} already holds other files ({shown}) and no {marker}, so it is not a model saved "
+            "there before; saving replaces the whole folder. Name a new or empty folder (e.g. <output_dir>/pruned)."
         )
     return save_dir
 

@@ -41,8 +41,8 @@ class PruningEnv(gym.Env):
         max_keep: per-group caps (list, group order), e.g. what earlier pruning rounds left alive.
         latency_fn: `widths -> milliseconds`, required for budget_kind="latency" or reward_cost="latency".
         fill_budget: scale the episode's allocation up, keeping its proportions, until the budget is used, so the
-            agent chooses how to spend the budget rather than whether to. Snapped widths are then topped up one
-            multiple at a time (the group furthest below its share first) while the budget holds.
+            agent chooses how to spend the budget rather than whether to. Widths are then topped up one unit (or
+            one `width_multiple`) at a time, the group furthest below its share first, until none can grow.
         width_multiple: snap kept widths down to a multiple of this (hardware-friendly), never below one multiple
             or the group width.
         seq_len: sequence length for the LSTM's MACs (default: the model's max length).
@@ -259,20 +259,47 @@ class PruningEnv(gym.Env):
         for _ in range(30):  # bisection on the common scale; cost is monotone in it
             middle = (low + high) / 2
             low, high = (middle, high) if fits(scaled(middle)) else (low, middle)
-        filled = scaled(low)
-        # Widths move in whole units (or multiples), so the common scale stops where the next step of any one group
-        # would overshoot (a conv channel costs far more than a dense unit), however much budget the others could still
-        # use. Top up one step at a time, the group furthest below its proportional share first, while the budget holds.
-        while True:
-            behind = sorted(range(len(filled)), key=lambda idx: filled[idx] / (ratios[idx] * self.dense_widths[idx]))
-            for idx in behind:
-                grown = list(filled)
-                grown[idx] = min(self._snap(filled[idx] + self.width_multiple, idx), self.max_widths[idx])
-                if grown[idx] > filled[idx] and fits(grown):
-                    filled = grown
+        return self._top_up(scaled(low), [ratio * dense for ratio, dense in zip(ratios, self.dense_widths)], fits)
+
+    def _top_up(self, filled: list[int], shares: list[float], fits) -> list[int]:
+        """Widths move in whole units (or multiples), so a common scale stops where the next step of any one group
+        would overshoot (a conv channel costs far more than a dense unit), however much budget the others could still
+        use. Top up one step at a time, the group furthest below its proportional share first (ties: the first group),
+        until no group's next step fits.
+
+        Computed a run of steps at a time: the group in front keeps taking steps while it stays in front and they fit
+        (found by bisection), so a wide, cheap layer does not cost one budget check per unit. Growing only shrinks the
+        budget left, so a group whose next step does not fit is never considered again.
+        """
+        filled = list(filled)
+
+        def behind(idx):
+            return (filled[idx] / shares[idx], idx)
+
+        growable = list(range(len(filled)))
+        while growable:
+            growable.sort(key=behind)
+            idx = growable[0]
+            rival = behind(growable[1]) if len(growable) > 1 else None
+            # the widths of the steps it takes while in front: the first always, each later one if it is still in front
+            # of the rival before taking it; at_cap when the last of them is as far as it can grow
+            path, width, at_cap = [], filled[idx], False
+            while not path or rival is None or (path[-1] / shares[idx], idx) < rival:
+                width = min(self._snap(width + self.width_multiple, idx), self.max_widths[idx])
+                if width <= (path[-1] if path else filled[idx]):
+                    at_cap = True
                     break
-            else:
-                return filled
+                path.append(width)
+            low, high = 0, len(path)  # bisect the most of those steps that fit: cost grows with the width
+            while low < high:
+                middle = (low + high + 1) // 2
+                fit = fits(filled[:idx] + [path[middle - 1]] + filled[idx + 1:])
+                low, high = (middle, high) if fit else (low, middle - 1)
+            if low:
+                filled[idx] = path[low - 1]
+            if low < len(path) or at_cap:  # its next step does not fit (now or later), or it is at its cap
+                growable.pop(0)
+        return filled
 
     def evaluate(self, widths: list[int]) -> dict:
         """Accuracy, cost and reward of one allocation (a list of widths in group order)."""

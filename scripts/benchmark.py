@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.atomic import atomic_directory, write_text_atomic
-from hf_rlprune.card import plot_accuracy_vs_macs, render_model_card, update_trade_off
+from hf_rlprune.card import check_save_dir, plot_accuracy_vs_macs, render_model_card, update_trade_off
 from hf_rlprune.pruning import compare_latency, compute_macs, config_with_widths, count_parameters, latency_hardware
 from hf_rlprune.tasks import (
     PLAN_LEARNING_RATE,
@@ -523,10 +522,8 @@ def main(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
-    saved_dense = args.save_dense_to and Path(args.save_dense_to)
-    if saved_dense and saved_dense.is_dir() and any(saved_dense.iterdir()) and not (saved_dense / "config.json").is_file():
-        raise ValueError(f"--save_dense_to {args.save_dense_to} holds other files and no saved model (config.json); saving "
-                         "replaces the whole folder. Name a new or empty folder.")
+    if args.save_dense_to:  # saving the dense model replaces the whole folder
+        check_save_dir(args.save_dense_to, output_dir=args.output_dir, marker="config.json", name="--save_dense_to")
     if args.cpu_small:
         args.max_train_samples, args.pretrain_epochs, args.finetune_epochs = 4000, 3, 2
         args.seeds, args.search_episodes, args.recovery_steps, args.num_rounds = [0], 8, 10, 2

@@ -89,34 +89,44 @@ class ScriptArguments:
     distill_temperature: float = field(default=4.0, metadata={"help": "Softening temperature of the distillation."})
 
 
-def expand_json_arguments(argv: list[str]) -> list[str]:
-    """`prune.py args.json`: the file's arguments as the command line they stand for, so both are parsed alike (the
-    same defaults) and the card's reproduce command spells them out instead of naming a file that is not published."""
-    if not (len(argv) == 1 and argv[0].endswith(".json")):
-        return argv
-    with open(argv[0]) as handle:
+def json_arguments(path: str) -> dict:
+    """`prune.py args.json`: one JSON object of argument names and values."""
+    with open(path) as handle:
         values = json.load(handle)
     if not isinstance(values, dict):
-        raise ValueError(f"{argv[0]} must hold one JSON object of argument names and values, e.g. "
+        raise ValueError(f"{path} must hold one JSON object of argument names and values, e.g. "
                          '{"task": "cifar10", "target": 0.25, "output_dir": "outputs/cifar10-25"}.')
-    expanded = []
+    return values
+
+
+def as_command_line(values: dict) -> list[str]:
+    """Arguments given as a dict (a JSON file) spelled out as the command line that stands for them, for the card's
+    reproduce command: the file is not published with the model."""
+    argv = []
     for name, value in values.items():
-        if value is None:
+        if value is None or value == []:  # unset, or an empty list: the command line would leave it out
             continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        items = value if isinstance(value, list) else [value]
-        expanded += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
-    return expanded
+        if isinstance(value, list):
+            argv += [f"--{name}", *(json.dumps(item) if isinstance(item, (dict, list)) else str(item) for item in value)]
+        else:  # --name=value, so values that start with "-" (negative numbers) stay values
+            argv.append(f"--{name}={json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) else value}")
+    return argv
 
 
 def parse_args(argv=None):
     # no abbreviated options: every option is spelled out, so secrets can be recognised and left out of the card
     parser = HfArgumentParser((ScriptArguments, RLPruneConfig, TrainingArguments), allow_abbrev=False)
-    argv = expand_json_arguments(sys.argv[1:] if argv is None else argv)
-    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv):
-        argv = [*argv, "--output_dir", "outputs/smoke" if "--smoke" in argv else "outputs/prune"]
-    return parser.parse_args_into_dataclasses(args=argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        values = json_arguments(argv[0])
+        script, prune, training = parser.parse_dict(values)
+        output_dir_given = "output_dir" in values
+    else:
+        script, prune, training = parser.parse_args_into_dataclasses(args=argv)
+        output_dir_given = any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv)
+    if not output_dir_given:  # the same default folder either way, after parsing (--smoke false is not a smoke run)
+        training = replace(training, output_dir="outputs/smoke" if script.smoke else "outputs/prune")
+    return script, prune, training
 
 
 def apply_smoke_settings(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments) -> TrainingArguments:
@@ -280,7 +290,8 @@ def main(argv=None):
             "reward_split_pruned": report["accuracy"]["pruned"],
         }
         update_trade_off(report)
-        report["command"] = reproduce_command(expand_json_arguments(sys.argv[1:] if argv is None else argv))
+        given = sys.argv[1:] if argv is None else argv
+        report["command"] = reproduce_command(as_command_line(json_arguments(given[0])) if len(given) == 1 and given[0].endswith(".json") else given)
         if script.measure_latency:
             report["latency_ms"] = latency_figures(callback.dense_config, pruned)
             report["latency_hardware"] = latency_hardware(report["latency_ms"])

@@ -210,8 +210,12 @@ def test_benchmark_refuses_bad_settings_before_loading_data(monkeypatch, tmp_pat
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     benchmark = importlib.import_module("benchmark")
     (tmp_path / "notes.txt").write_text("mine")  # saving the dense model replaces the folder: not one of other files
-    with pytest.raises(ValueError, match="--save_dense_to .* holds other files and no saved model"):
+    with pytest.raises(ValueError, match="--save_dense_to .* already holds other files \\(notes.txt\\) and no config.json"):
         benchmark.main(["--task", "cifar10", "--save_dense_to", str(tmp_path)])
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "config.json").write_text("{}")  # a dense model saved before: replaceable, but not above the results
+    with pytest.raises(ValueError, match="--save_dense_to .* holds the output_dir"):
+        benchmark.main(["--task", "cifar10", "--save_dense_to", str(tmp_path), "--output_dir", str(tmp_path / "results")])
     with pytest.raises(ValueError, match="--refit_applied True needs --refit_ridge"):
         benchmark.main(["--task", "cifar10", "--refit_applied", "True"])
     with pytest.raises(ValueError, match="--while_pretraining_lr 'cosine': choose 'plan' or 'plan_then_finetune'"):

@@ -65,6 +65,54 @@ def test_no_finished_episode_exceeds_the_budget(config, target, budget_kind, fil
             assert grown_cost > target * dense * (1 + 1e-9), (group.name, info["widths"])
 
 
+def one_step_top_up(env, filled, shares, fits):
+    """The fill's top-up as first written, one step per budget check: the definition `_top_up` computes in runs."""
+    filled = list(filled)
+    while True:
+        for idx in sorted(range(len(filled)), key=lambda idx: filled[idx] / shares[idx]):
+            grown = list(filled)
+            grown[idx] = min(env._snap(filled[idx] + env.width_multiple, idx), env.max_widths[idx])
+            if grown[idx] > filled[idx] and fits(grown):
+                filled = grown
+                break
+        else:
+            return filled
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.one_of(cnn_configs, lstm_configs), target=st.floats(0.05, 1.0), multiple=st.sampled_from([1, 4, 8]), data=st.data())
+def test_top_up_in_runs_equals_one_step_at_a_time(config, target, multiple, data):
+    try:
+        env = PruningEnv(config, constant_accuracy, target=target, fill_budget=False, width_multiple=multiple, min_keep=0.05)
+    except ValueError:
+        return
+    _, info = run_episode(env, data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(env.groups), max_size=len(env.groups))))
+    start = list(info["widths"].values())
+    shares = data.draw(st.lists(st.floats(0.5, 500.0), min_size=len(start), max_size=len(start)))  # ties included
+    shares = [float(max(1, round(share))) for share in shares] if data.draw(st.booleans()) else shares
+
+    def fits(widths):
+        return env.cost(widths) <= env.budget * (1 + 1e-9)
+
+    assert env._top_up(start, shares, fits) == one_step_top_up(env, start, shares, fits)
+
+
+def test_top_up_checks_the_budget_per_run_not_per_unit():
+    # a wide, cheap dense layer left far below its cap: one-step growth would check the budget once per unit
+    config = RLPruneCNNConfig(conv_channels=[8, 8], hidden_sizes=[2048], image_size=8)
+    env = PruningEnv(config, constant_accuracy, target=0.9, fill_budget=False)
+    start, calls = [8, 8, 16], []
+
+    def fits(widths):
+        calls.append(widths)
+        return env.cost(widths) <= env.budget * (1 + 1e-9)
+
+    grown = env._top_up(start, [8.0, 8.0, 16.0], fits)
+    assert grown[2] > 1000 and len(calls) < 50
+    calls.clear()
+    assert one_step_top_up(env, start, [8.0, 8.0, 16.0], fits) == grown and len(calls) > 1000
+
+
 def test_impossible_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot be met.*Raise the target or lower min_keep"):
         PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.01, min_keep=0.5)

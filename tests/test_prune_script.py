@@ -155,7 +155,7 @@ def test_smoke_cifar_run_with_onnx_export(tmp_path):
     with pytest.raises(ValueError, match="already holds other files"):  # refused before any training
         prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path), "--save_dir", str(other)])
     assert not (tmp_path / "dense").exists() and (other / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="holds the Trainer's output_dir"):  # it would replace the dense model and checkpoints
+    with pytest.raises(ValueError, match="holds the output_dir"):  # it would replace the dense model and checkpoints
         prune.main(["--smoke", "--task", "cifar10", "--output_dir", str(tmp_path / "out"), "--save_dir", str(tmp_path)])
     assert not (tmp_path / "out").exists()
     folder = tmp_path / "my-pruned"
@@ -251,18 +251,21 @@ def test_smoke_settings_rebuild_the_training_arguments():
 def test_a_json_file_of_arguments_parses_as_its_command_line(tmp_path):
     prune = load_prune_script()
     arguments = {"smoke": True, "task": "imdb", "target": 0.3, "report_to": ["none"], "hub_token": "hf_SECRET",
-                 "lr_scheduler_kwargs": {"num_cycles": 2}, "save_dir": None}
+                 "lr_scheduler_kwargs": {"num_cycles": 2}, "save_dir": None, "weight_decay": -1e-05, "run_name": "--odd name"}
     (tmp_path / "args.json").write_text(json.dumps(arguments))
-    argv = ["--smoke", "true", "--task", "imdb", "--target", "0.3", "--report_to", "none", "--hub_token", "hf_SECRET",
-            "--lr_scheduler_kwargs", '{"num_cycles": 2}']
-    assert prune.expand_json_arguments([str(tmp_path / "args.json")]) == argv
+    argv = prune.as_command_line(arguments)
+    assert argv == ["--smoke=true", "--task=imdb", "--target=0.3", "--report_to", "none", "--hub_token=hf_SECRET",
+                    '--lr_scheduler_kwargs={"num_cycles": 2}', "--weight_decay=-1e-05", "--run_name=--odd name"]
     from_file, from_line = prune.parse_args([str(tmp_path / "args.json")]), prune.parse_args(argv)
     assert from_file == from_line and from_file[2].output_dir == "outputs/smoke"  # the command line's default folder too
-    assert from_file[2].lr_scheduler_kwargs == {"num_cycles": 2}
+    assert from_file[2].lr_scheduler_kwargs == {"num_cycles": 2} and from_file[2].weight_decay == -1e-05
     # the card spells the arguments out (the file is not published with it), without the token
-    command = prune.reproduce_command(prune.expand_json_arguments([str(tmp_path / "args.json")]))
-    assert command == "python scripts/prune.py --smoke true --task imdb --target 0.3 --report_to none --lr_scheduler_kwargs " \
-                      "'{\"num_cycles\": 2}'"
+    command = prune.reproduce_command(argv)
+    assert "hf_SECRET" not in command and "--task=imdb --target=0.3 --report_to none" in command
+    # "smoke": false is no smoke run, in a file as on the command line
+    (tmp_path / "no_smoke.json").write_text(json.dumps({"smoke": False, "task": "cifar10"}))
+    assert prune.parse_args([str(tmp_path / "no_smoke.json")])[2].output_dir == "outputs/prune"
+    assert prune.parse_args(["--smoke", "false"])[2].output_dir == "outputs/prune"
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="one JSON object of argument names and values"):
         prune.parse_args([str(tmp_path / "list.json")])

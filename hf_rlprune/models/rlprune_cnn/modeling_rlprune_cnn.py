@@ -83,7 +83,8 @@ class RLPruneCNNForImageClassification(RLPruneCNNPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required: a float tensor of shape (batch, channels, height, width).")
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        # not while tracing (ONNX export), where the shapes are the example's and the check would only warn
+        if not torch.jit.is_tracing() and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected):
             # another size would run (or fail deep inside) with the dense layer and the MACs sized for image_size
             raise ValueError(
                 f"pixel_values has shape {tuple(pixel_values.shape)}; this model takes (batch, {', '.join(map(str, expected))}) "
