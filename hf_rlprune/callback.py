@@ -127,13 +127,14 @@ def build_latency_table(model_config, cfg: RLPruneConfig):
 
 def check_budget(model_or_config, cfg: RLPruneConfig, latency_table=None) -> None:
     """A ValueError naming the fix when `cfg`'s budget cannot be met (a latency budget needs the dense model's
-    latency table, and target_latency_ms resolved to a fraction)."""
+    latency table, which also turns target_latency_ms into a fraction)."""
+    target = cfg.resolve_target_latency(latency_table.dense_ms) if cfg.target_latency_ms is not None else cfg.target
     try:
-        PruningEnv(model_or_config, lambda widths: 0.0, target=cfg.target, budget_kind=cfg.budget_kind, min_keep=cfg.min_keep,
+        PruningEnv(model_or_config, lambda widths: 0.0, target=target, budget_kind=cfg.budget_kind, min_keep=cfg.min_keep,
                    latency_fn=latency_table, width_multiple=cfg.width_multiple)
     except ValueError as error:
         if cfg.target_latency_ms is not None:
-            raise ValueError(f"target_latency_ms = {cfg.target_latency_ms} is {cfg.target:.3f} x the dense model's "
+            raise ValueError(f"target_latency_ms = {cfg.target_latency_ms} is {target:.3f} x the dense model's "
                              f"estimated {latency_table.dense_ms:.2f} ms. {error}") from error
         raise ValueError(f"RLPruneConfig(target={cfg.target}, budget_kind={cfg.budget_kind!r}) cannot be met: {error}") from error
 
@@ -181,6 +182,7 @@ class RLPruneCallback(TrainerCallback):
         self.report: dict | None = None
         self.latency_table = None  # LatencyTable for latency budgets / rewards, built once at train begin
         self._state_saved_at: str | None = None  # the checkpoint on_push_begin wrote the state to
+        self._target = self.config.target  # the final budget as a fraction (target_latency_ms resolves at train begin)
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -265,7 +267,7 @@ class RLPruneCallback(TrainerCallback):
             if self.latency_table is None:
                 self.latency_table = build_latency_table(self.dense_config, cfg)
             dense_ms = self.latency_table.dense_ms
-        cfg.resolve_target_latency(_broadcast(dense_ms))
+        self._target = cfg.resolve_target_latency(_broadcast(dense_ms))
         if state.is_world_process_zero:  # an impossible budget is an error now, not after the first rounds
             check_budget(self.dense_config, cfg, self.latency_table)
 
@@ -403,7 +405,7 @@ class RLPruneCallback(TrainerCallback):
     def _run_round(self, args, state, control, model, optimizer):
         cfg = self.config
         round_index = self.rounds_done
-        target = cfg.round_targets()[round_index]
+        target = cfg.round_targets(self._target)[round_index]
         is_main = state.is_world_process_zero
         decision = None
         start = time.perf_counter()
@@ -499,6 +501,7 @@ class RLPruneCallback(TrainerCallback):
             reward_accuracy_after=batched_accuracy(model, reward_batches) if reward_batches else None,
             search_seconds=self.search_seconds,
             reward_evaluations=self.reward_evaluations,
+            target=self._target,
         )
         if compaction_check is not None:
             self.report["compaction_check"] = compaction_check

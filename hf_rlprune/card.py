@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_report(dense_config, pruned_model, config, history, reward_accuracy_after=None, search_seconds=0.0,
-                 reward_evaluations=0) -> dict:
+                 reward_evaluations=0, target: float | None = None) -> dict:
     """Everything known about a pruning run, as plain JSON-able values."""
     pruned_widths = group_widths(pruned_model.config)
     macs_before, macs_after = compute_macs(dense_config), compute_macs(pruned_model.config)
@@ -35,7 +35,7 @@ def build_report(dense_config, pruned_model, config, history, reward_accuracy_af
         "reward_mode": config.reward_mode,
         "importance": config.importance,
         "budget_kind": config.budget_kind,
-        "target": config.target,
+        "target": config.target if target is None else target,  # a budget in milliseconds, resolved to a fraction
         "num_rounds": config.num_rounds,
         "seed": config.prune_seed,
         # how each candidate was scored: the reward's recipe, which the defaults no longer pin down across versions

@@ -203,10 +203,9 @@ class RLPruneConfig:
         return self.budget_kind == "latency" or self.reward_cost == "latency"
 
     def resolve_target_latency(self, dense_latency_ms: float) -> float:
-        """Turn target_latency_ms into `target`, the fraction of the dense latency (the latency table's estimate).
-
-        Call once the dense latency is known (the callback does, at train begin); a no-op without target_latency_ms.
-        """
+        """The budget as a fraction of the dense cost: `target`, or target_latency_ms over the dense model's latency
+        (the latency table's estimate; the callback resolves it at train begin). The config is left as it was given,
+        so it can still be copied (`dataclasses.replace`) or reused for another run."""
         if self.target_latency_ms is None:
             return self.target
         if self.target_latency_ms >= dense_latency_ms:
@@ -215,15 +214,16 @@ class RLPruneConfig:
                 f"{dense_latency_ms:.2f} ms ({self.latency_runtime}, {self.latency_device}, batch {self.latency_batch_size}): "
                 "nothing to prune. Lower target_latency_ms."
             )
-        self.target = self.target_latency_ms / dense_latency_ms
-        return self.target
+        return self.target_latency_ms / dense_latency_ms
 
-    def round_targets(self) -> list[float]:
-        """Budget after each round: cubic from dense toward `target` (Zhu & Gupta's gradual schedule), ending on it."""
-        if self.target is None:
-            raise ValueError("target_latency_ms is not resolved yet; call resolve_target_latency(dense latency) first.")
+    def round_targets(self, target: float | None = None) -> list[float]:
+        """Budget after each round: cubic from dense toward `target` (Zhu & Gupta's gradual schedule), ending on it.
+        `target` defaults to the config's; a budget in milliseconds passes its resolved fraction."""
+        target = self.target if target is None else target
+        if target is None:
+            raise ValueError("target_latency_ms is a budget in milliseconds: pass round_targets(resolve_target_latency(dense latency)).")
         rounds = self.num_rounds
-        return [self.target + (1.0 - self.target) * (1.0 - (r + 1) / rounds) ** 3 for r in range(rounds)]
+        return [target + (1.0 - target) * (1.0 - (r + 1) / rounds) ** 3 for r in range(rounds)]
 
     def round_steps(self, max_steps: int) -> list[int]:
         """Global steps (1-based, after the optimizer step) at which each round runs."""

@@ -184,13 +184,11 @@ def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingAr
 def check_budget(model, prune: RLPruneConfig, training: TrainingArguments):
     """An impossible budget is an error now, not after pre-training. Latency needs the dense model's latency table:
     measured and cached here as the callback would (the main process first), so the callback later loads it."""
-    table, budget = None, prune
+    table = None
     if prune.uses_latency:
         with training.main_process_first(desc="latency table"):
             table = build_latency_table(model.config, prune)
-        budget = replace(prune)  # resolve target_latency_ms on a copy: the callback resolves it itself
-        budget.resolve_target_latency(table.dense_ms)
-    check_config_budget(model, budget, table)
+    check_config_budget(model, prune, table)
 
 
 def latency_figures(dense_config, pruned_model) -> dict:

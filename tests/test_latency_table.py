@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import random
@@ -388,7 +389,9 @@ def test_config_defaults_and_latency_target():
     assert config.target is None and config.uses_latency
     with pytest.raises(ValueError, match="resolve_target_latency"):
         config.round_targets()
-    assert config.resolve_target_latency(120.0) == pytest.approx(0.25) and config.round_targets()[-1] == pytest.approx(0.25)
+    assert config.resolve_target_latency(120.0) == pytest.approx(0.25)
+    assert config.round_targets(config.resolve_target_latency(120.0))[-1] == pytest.approx(0.25)
+    assert config.target is None and dataclasses.replace(config, prune_seed=1).target_latency_ms == 30.0  # left as given
     with pytest.raises(ValueError, match="not below the dense model's estimated latency"):
         config.resolve_target_latency(20.0)
     assert RLPruneConfig(reward_mode="trade_off", reward_cost="latency").uses_latency
@@ -411,8 +414,8 @@ def test_callback_builds_the_table_once_and_prunes_to_milliseconds(tmp_path, mon
     calls = timer.calls
     callback._build_latency_table(SimpleNamespace(is_world_process_zero=True))
     assert timer.calls == calls and list(tmp_path.glob("*.json"))  # same key: loaded from the cache
-    assert config.target == pytest.approx(0.4) and config.round_targets()[-1] == pytest.approx(0.4)
-    env = callback._make_env(RLPruneCNNForImageClassification(TINY_CNN), config.target)
+    assert callback._target == pytest.approx(0.4) and config.target is None  # resolved for the run, the config left as given
+    env = callback._make_env(RLPruneCNNForImageClassification(TINY_CNN), callback._target)
     assert env.latency_fn is callback.latency_table and env.width_multiple == 8 and env.reward_cost == "latency"
     reward, info = run_episode(env, [env.uniform_keep_ratio()] * len(env.groups))
     assert info["latency_ms"] <= 0.4 * dense_ms * (1 + 1e-9) and reward == pytest.approx(0.5 / info["cost_ratio"])
