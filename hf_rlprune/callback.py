@@ -233,7 +233,7 @@ class RLPruneCallback(TrainerCallback):
                 "and bn_recalibration_batches=0."
             )
         if cfg.save_on_train_end and state.is_world_process_zero:
-            self._check_save_dir(args)
+            check_save_dir(self._save_dir(args), output_dir=args.output_dir)  # refused now, not after training
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
@@ -335,10 +335,6 @@ class RLPruneCallback(TrainerCallback):
 
     def _save_dir(self, args) -> str:
         return self.config.save_dir or os.path.join(args.output_dir, "pruned")
-
-    def _check_save_dir(self, args) -> None:
-        """Refuse, before any training, a save folder the save at train end would have to refuse or would wipe."""
-        check_save_dir(self._save_dir(args), output_dir=args.output_dir)
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batch_count(self) -> int:

@@ -254,8 +254,6 @@ class PruningEnv(gym.Env):
             return self.cost(candidate) <= self.budget * (1 + 1e-9)
 
         low, high = 1.0, 1.0 / max(min(ratios), 1e-6)
-        if fits(scaled(high)):  # every group at its cap fits: the bisection below would stop just short of it
-            low = high
         for _ in range(30):  # bisection on the common scale; cost is monotone in it
             middle = (low + high) / 2
             low, high = (middle, high) if fits(scaled(middle)) else (low, middle)
