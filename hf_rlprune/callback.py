@@ -6,12 +6,12 @@ Training recovers between rounds. At the end the model is compacted in place (so
 model) and saved with its report and model card. Rank 0 decides; the decision is broadcast; every rank applies it.
 """
 
-import gc
 import hashlib
 import inspect
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -243,7 +243,7 @@ class RLPruneCallback(TrainerCallback):
             self._build_latency_table(state)
         else:  # an impossible budget is an error now, not after warm-up training
             check_budget(model, cfg)
-        self._handler = self._find_handler()
+        self._handler = self._calling_handler()
 
     def _checkpoint_to_resume(self, args, state) -> str:
         """The checkpoint the Trainer resumed from: TrainingArguments.resume_from_checkpoint when set, else the
@@ -454,15 +454,19 @@ class RLPruneCallback(TrainerCallback):
             for callback in others:  # TrainerCallback gives no handle on Trainer.log; dispatch to the others directly
                 callback.on_log(args, state, control, logs=dict(logs), model=self._handler.model)
 
-    def _find_handler(self):
-        """The CallbackHandler holding this callback, to reach the report_to integrations (TensorBoard, W&B).
+    def _calling_handler(self):
+        """The CallbackHandler delivering the current event, to reach the report_to integrations (TensorBoard, W&B).
 
         TrainerCallback receives no reference to the Trainer, and the integrations run before user callbacks in
-        `on_log`, so per-round metrics are dispatched to them directly. Found once per training run.
+        `on_log`, so per-round metrics are dispatched to them directly. The handler is the `self` of a calling frame
+        (`CallbackHandler.call_event`): the Trainer that runs now, even where one callback sits in several Trainers.
         """
-        for obj in gc.get_objects():
-            if type(obj) is CallbackHandler and any(cb is self for cb in obj.callbacks):  # type(): no proxy __getattr__
-                return obj
+        frame = sys._getframe(1)
+        while frame is not None:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, CallbackHandler) and any(callback is self for callback in caller.callbacks):
+                return caller
+            frame = frame.f_back
         return None
 
     # ---- end of training --------------------------------------------------------------------------------------

@@ -66,10 +66,10 @@ def batched_accuracy(model: nn.Module, batches: list[dict], autocast_dtype=None)
 
 
 def _autocast(model, dtype):
-    device = next(model.parameters()).device
-    if dtype is None or device.type != "cuda":
+    """The Trainer's mixed precision (accelerate's autocast, on a CPU too), so candidates run as the model trains."""
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 class RewardEvaluator:
@@ -85,7 +85,8 @@ class RewardEvaluator:
             it: K copies of the weights, Adam moments and activations); 1 evaluates them one at a time.
         stack_candidates: use the vmapped pass; default on CUDA only. A GPU is underused by one small model and
             gains several times; on a CPU one candidate already fills the cores, and the stacked (grouped) convs
-            measured about 1.5x slower per candidate than one at a time (2 cores, the reference CNN).
+            measured about 1.5x slower per candidate than one at a time (2 cores, the reference CNN); and under vmap
+            torch's CPU autocast leaves linears in float32, so a stacked pass there ignores bf16/fp16.
         refit_ridge: when set, each candidate's pruned layers' consumers are first refitted by ridge least squares
             to the round model's outputs on `refit_batches` recovery batches (`pruning.refit`), so recovery starts
             from the closest fit of the unpruned function rather than from plain masking; the value is the ridge

@@ -172,6 +172,23 @@ def test_one_callback_prunes_each_new_run_afresh(tmp_path):
     assert callback.report["macs"]["dense"] == compute_macs(RLPruneCNNConfig(**TINY_CNN))
 
 
+def test_round_metrics_reach_the_integrations_of_the_trainer_that_runs(tmp_path):
+    # one callback in two live Trainers: each run's per-round metrics go to that Trainer's report_to integrations
+    train_set, reward_set = tiny_data()
+    callback = RLPruneCallback(prune_config(save_on_train_end=False), reward_dataset=reward_set)
+    recorders, trainers = [LogRecorder(), LogRecorder()], []
+    for index, recorder in enumerate(recorders):
+        torch.manual_seed(0)
+        model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+        args = TrainingArguments(str(tmp_path / str(index)), max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        trainers.append(Trainer(model=model, args=args, train_dataset=train_set, callbacks=[recorder, callback]))
+    for trainer, recorder in zip(trainers, recorders):  # the second run while the first Trainer is still alive
+        trainer.train()
+        assert sum("rlprune/macs" in logs for logs in recorder.logs) == 2
+    assert all(sum("rlprune/macs" in logs for logs in recorder.logs) == 2 for recorder in recorders)  # none got the other's
+
+
 def test_training_again_after_compaction_needs_a_new_optimizer(tmp_path):
     trainer, _ = train(tmp_path, prune_config(save_on_train_end=False))
     trainer.args.max_steps = 4

@@ -158,6 +158,18 @@ def test_candidates_are_stacked_on_cuda_only_by_default(trained_cnn, monkeypatch
     assert len(reward.evaluate_batch(CANDIDATES)) == 4 and reward.evaluations == 4
 
 
+def test_candidates_run_in_the_trainers_precision_on_cpu_too(trained_cnn):
+    # A Trainer with bf16 on a CPU trains under CPU autocast: its candidates' recovery and reward must run so too.
+    # (One at a time, the CPU default: under vmap torch's CPU autocast leaves linears in float32.)
+    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), recovery_steps=1,
+                             autocast_dtype=torch.bfloat16, candidates_per_pass=2)
+    reward.begin_round(trained_cnn)
+    seen = []  # the candidates are the scratch copy
+    reward._scratch.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    reward.evaluate_batch(CANDIDATES[:2])
+    assert seen and set(seen) == {torch.bfloat16}  # recovery steps and reward batches alike
+
+
 def test_take_batches_restarts_the_loader_and_names_an_empty_one():
     loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2, drop_last=True)  # 2 batches per pass
     assert [batch.tolist() for batch in take_batches(loader, 5)] == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
