@@ -142,6 +142,15 @@ class BenchmarkArguments:
                           "128, measured here on the pruned architecture and the dense one, rebuilt from the results; the card "
                           "names this machine's CPU and threads."})
 
+    def __post_init__(self):
+        if self.refit_applied and self.refit_ridge is None:
+            raise ValueError("--refit_applied True needs --refit_ridge (e.g. 0.01): without it the benchmark does not refit.")
+        if self.while_pretraining_lr not in ("plan", "plan_then_finetune"):
+            raise ValueError(f"--while_pretraining_lr {self.while_pretraining_lr!r}: choose 'plan' or 'plan_then_finetune'.")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
+
 
 def spearman(x, y) -> float:
     """Spearman rank correlation (average ranks for ties); numpy only, so the GPU image needs no scipy."""
@@ -515,13 +524,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.report_only:
         return write_outputs(merge_results(args.report_only), args)
-    if args.refit_applied and args.refit_ridge is None:
-        raise ValueError("--refit_applied True needs --refit_ridge (e.g. 0.01): without it the benchmark does not refit.")
-    if args.while_pretraining_lr not in ("plan", "plan_then_finetune"):
-        raise ValueError(f"--while_pretraining_lr {args.while_pretraining_lr!r}: choose 'plan' or 'plan_then_finetune'.")
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
     if args.save_dense_to:  # saving the dense model replaces the whole folder
         check_save_dir(args.save_dense_to, output_dir=args.output_dir, marker="config.json", name="--save_dense_to")
     if args.cpu_small:

@@ -88,6 +88,23 @@ class ScriptArguments:
                                                                "fine-tuning (0: plain fine-tuning)."})
     distill_temperature: float = field(default=4.0, metadata={"help": "Softening temperature of the distillation."})
 
+    def __post_init__(self):
+        if self.task not in MODEL_TYPES:
+            raise ValueError(f"Unknown task {self.task!r}; choose one of {sorted(MODEL_TYPES)}.")
+        if self.model_preset not in CNN_PRESETS:
+            raise ValueError(f"Unknown --model_preset {self.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
+        if self.prune_while_pretraining and (self.model_name_or_path or self.distill_alpha > 0):
+            raise ValueError("--prune_while_pretraining trains a fresh model from scratch: drop --model_name_or_path (prune a trained "
+                             "model while fine-tuning it instead) and --distill_alpha (there is no trained dense model to distill from).")
+        if self.reward_size >= 1 and self.reward_size != int(self.reward_size):
+            raise ValueError(f"--reward_size {self.reward_size}: give a fraction in (0, 1) of the training rows or a whole "
+                             "number of rows (e.g. 5000).")
+        if self.pretrain_patience is not None and self.pretrain_patience < 1:
+            raise ValueError(f"--pretrain_patience {self.pretrain_patience} must be >= 1 (omit it for the task's default).")
+        if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_temperature > 0:
+            raise ValueError(f"--distill_alpha {self.distill_alpha} must be in [0, 1] and --distill_temperature "
+                             f"{self.distill_temperature} > 0 (0 and 4: no distillation, the usual temperature).")
+
 
 def json_arguments(path: str) -> dict:
     """`prune.py args.json`: one JSON object of argument names and values."""
@@ -157,28 +174,14 @@ def pruned_save_dir(prune: RLPruneConfig, training: TrainingArguments) -> str:
 
 
 def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
-    """Fail before any data loading or training on anything we can check up front."""
-    if script.task not in MODEL_TYPES:
-        raise ValueError(f"Unknown task {script.task!r}; choose one of {sorted(MODEL_TYPES)}.")
+    """Fail before any data loading or training on the rules that join the three argument groups (each group's own
+    rules are checked when it is built)."""
     if training.push_to_hub and not (training.hub_model_id or prune.pruned_hub_model_id):
         raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
-    if script.model_preset not in CNN_PRESETS:
-        raise ValueError(f"Unknown --model_preset {script.model_preset!r}; choose one of {sorted(CNN_PRESETS)}.")
-    if script.prune_while_pretraining and (script.model_name_or_path or script.distill_alpha > 0):
-        raise ValueError("--prune_while_pretraining trains a fresh model from scratch: drop --model_name_or_path (prune a trained "
-                         "model while fine-tuning it instead) and --distill_alpha (there is no trained dense model to distill from).")
-    if script.reward_size >= 1 and script.reward_size != int(script.reward_size):
-        raise ValueError(f"--reward_size {script.reward_size}: give a fraction in (0, 1) of the training rows or a whole "
-                         "number of rows (e.g. 5000).")
-    if script.pretrain_patience is not None and script.pretrain_patience < 1:
-        raise ValueError(f"--pretrain_patience {script.pretrain_patience} must be >= 1 (omit it for the task's default).")
     if not prune.save_on_train_end:
         raise ValueError("--save_on_train_end false: this script's output is the saved pruned model. Drop the flag (it is for "
                          "RLPruneCallback in your own training script).")
     check_save_dir(pruned_save_dir(prune, training), output_dir=training.output_dir)  # refused now, not after the training
-    if not 0.0 <= script.distill_alpha <= 1.0 or not script.distill_temperature > 0:
-        raise ValueError(f"--distill_alpha {script.distill_alpha} must be in [0, 1] and --distill_temperature "
-                         f"{script.distill_temperature} > 0 (0 and 4: no distillation, the usual temperature).")
 
 
 def check_budget(model, prune: RLPruneConfig, training: TrainingArguments):
