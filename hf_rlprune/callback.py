@@ -16,14 +16,12 @@ import time
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy
-from .atomic import atomic_write
+from .callback_state import STATE_FILE, PruningState, read_agent, read_state, write_state
 from .card import build_report, check_save_dir, push_pruned_folder, save_pruned_model
 from .config import RLPruneConfig
 from .env import OBSERVATION_FEATURES, PruningEnv, PruningVectorEnv
@@ -47,9 +45,6 @@ from .search import run_search
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "rlprune_state.safetensors"
-AGENT_FILE = "rlprune_agent.safetensors"
-STATE_FORMAT = "hf_rlprune.callback_state.v1"
 
 
 def _is_distributed() -> bool:
@@ -508,86 +503,49 @@ class RLPruneCallback(TrainerCallback):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_state(self, directory: str, model) -> None:
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"mask.{name}": mask.to(torch.uint8) for name, mask in get_masks(model).items()}
-        if self.taylor is not None:
-            tensors.update({f"taylor.{name}": score.detach().cpu().contiguous() for name, score in self.taylor.scores.items()})
-        metadata = {
-            "format": STATE_FORMAT,
-            "rounds_done": str(self.rounds_done),
-            "history": json.dumps(self.history),
-            "search_seconds": repr(self.search_seconds),
-            "reward_evaluations": str(self.reward_evaluations),
-            "taylor_steps": str(self.taylor.steps if self.taylor else 0),
-            "dense_config": self.dense_config.to_json_string(),
-        }
-        atomic_write(lambda path: save_file(tensors or {"empty": torch.zeros(0)}, path, metadata=metadata), os.path.join(directory, STATE_FILE))
-        if self.agent is not None:
-            atomic_write(self.agent.save, os.path.join(directory, AGENT_FILE))
-
-    def _load_state_file(self, directory: str):
-        path = os.path.join(directory, STATE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{directory} has no {STATE_FILE}: it was not written by RLPruneCallback, so its pruning state "
-                "(masks, agent) cannot be restored. Resume from a checkpoint of a run that used the callback."
-            )
-        try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:  # safetensors raises its own error types for truncated files
-            raise ValueError(f"{path} is corrupt or truncated ({error}); resume from an earlier checkpoint.") from error
-        if metadata.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not an hf_rlprune callback state (format {metadata.get('format')!r}).")
-        return metadata, tensors
+        state = PruningState(
+            dense_config=json.loads(self.dense_config.to_json_string()),
+            rounds_done=self.rounds_done,
+            history=self.history,
+            search_seconds=self.search_seconds,
+            reward_evaluations=self.reward_evaluations,
+            masks=get_masks(model),
+            taylor_scores=self.taylor.scores if self.taylor is not None else {},
+            taylor_steps=self.taylor.steps if self.taylor is not None else 0,
+        )
+        write_state(directory, state, self.agent)
 
     def _resume(self, directory: str, model, optimizer) -> None:
-        metadata, tensors = self._load_state_file(directory)
-        dense = json.loads(metadata["dense_config"])
-        if dense.get("model_type") != model.config.model_type:
-            raise ValueError(f"{directory} holds pruning state for a {dense.get('model_type')} model, not {model.config.model_type}.")
-        self.dense_config = type(model.config).from_dict(dense)
-        self.rounds_done = int(metadata["rounds_done"])
-        self.history = json.loads(metadata["history"])
-        self.search_seconds = float(metadata["search_seconds"])
-        self.reward_evaluations = int(metadata["reward_evaluations"])
-        masks = {key[len("mask."):]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
-        if masks:
-            apply_masks(model, masks)
+        state = read_state(directory)
+        if state.dense_config.get("model_type") != model.config.model_type:
+            raise ValueError(f"{directory} holds pruning state for a {state.dense_config.get('model_type')} model, not "
+                             f"{model.config.model_type}.")
+        self.dense_config = type(model.config).from_dict(state.dense_config)
+        self.rounds_done, self.history = state.rounds_done, state.history
+        self.search_seconds, self.reward_evaluations = state.search_seconds, state.reward_evaluations
+        if state.masks:
+            apply_masks(model, state.masks)
             if optimizer is not None:
                 enforce_masks(model, _inner_optimizer(optimizer))
         if self.taylor is not None:
-            self.taylor.scores = {k[len("taylor."):]: v.to(model.device) for k, v in tensors.items() if k.startswith("taylor.")}
-            self.taylor.steps = int(metadata["taylor_steps"])
-        agent_path = os.path.join(directory, AGENT_FILE)
+            self.taylor.scores = {name: score.to(model.device) for name, score in state.taylor_scores.items()}
+            self.taylor.steps = state.taylor_steps
         if self.config.method == "ppo":  # a fresh agent would make other decisions than the run being resumed
-            if not os.path.isfile(agent_path):
-                raise FileNotFoundError(
-                    f"{directory} has no {AGENT_FILE}, the PPO agent's state: the run that wrote it did not use "
-                    "method='ppo', or the file was lost. Resume with that run's method, or from another checkpoint."
-                )
-            try:
-                self.agent = PPOAgent.load(agent_path)
-            except Exception as error:  # safetensors raises its own error types for truncated files
-                raise ValueError(f"{agent_path} is corrupt or truncated ({error}); resume from an earlier checkpoint.") from error
+            self.agent = read_agent(directory)
 
     def _restore_best_masks(self, checkpoint: str, model) -> None:
-        metadata, tensors = self._load_state_file(checkpoint)
-        masks = {key[len("mask."):]: value.bool() for key, value in tensors.items() if key.startswith("mask.")}
-        if masks:
-            apply_masks(model, masks)
+        state = read_state(checkpoint)
+        if state.masks:
+            apply_masks(model, state.masks)
         else:  # saved before the first round: the Trainer loaded its unpruned weights, which the last round's masks must not cut
             remove_masks(model)
-        rounds = int(metadata["rounds_done"])
-        if rounds < self.config.num_rounds:
+        if state.rounds_done < self.config.num_rounds:
             logger.warning(
                 "load_best_model_at_end picked %s, saved after %d of %d pruning rounds: the saved model keeps that "
                 "checkpoint's (larger) widths. Evaluate only after the last round (step %d) to get the target budget.",
-                checkpoint, rounds, self.config.num_rounds, self._round_steps[-1],
+                checkpoint, state.rounds_done, self.config.num_rounds, self._round_steps[-1],
             )
-        self.rounds_done = rounds
-        self.history = json.loads(metadata["history"])
+        self.rounds_done, self.history = state.rounds_done, state.history
 
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
-from hf_rlprune.callback import STATE_FILE
+from hf_rlprune.callback_state import STATE_FILE, read_state
 from hf_rlprune.pruning import compact, compute_macs
 from hf_rlprune.reward import batched_accuracy
 
@@ -338,13 +338,29 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="num_labels = 1 \\(a regression head\\)"):
         callback.on_train_begin(None, None, None, model=regression)
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
-        callback._load_state_file(str(tmp_path))
+        read_state(str(tmp_path))
     (tmp_path / STATE_FILE).write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="corrupt"):
-        callback._load_state_file(str(tmp_path))
+        read_state(str(tmp_path))
     save_file({"x": torch.zeros(1)}, str(tmp_path / STATE_FILE), metadata={"format": "other"})
     with pytest.raises(ValueError, match="not an hf_rlprune callback state"):
-        callback._load_state_file(str(tmp_path))
+        read_state(str(tmp_path))
+
+
+def test_pruning_state_round_trips_through_its_file(tmp_path):
+    from hf_rlprune.callback_state import PruningState, write_state
+
+    state = PruningState(dense_config=json.loads(RLPruneCNNConfig(**TINY_CNN).to_json_string()), rounds_done=2, history=[{"round": 1, "widths": {"a": 3}}],
+                         search_seconds=1.25, reward_evaluations=8, masks={"conv_blocks.0": torch.tensor([True, False, True])},
+                         taylor_scores={"conv_blocks.0": torch.tensor([0.5, 0.0, 2.0])}, taylor_steps=7)
+    write_state(str(tmp_path), state)
+    loaded = read_state(str(tmp_path))
+    assert loaded.masks["conv_blocks.0"].dtype == torch.bool and torch.equal(loaded.masks["conv_blocks.0"], state.masks["conv_blocks.0"])
+    assert torch.equal(loaded.taylor_scores["conv_blocks.0"], state.taylor_scores["conv_blocks.0"])
+    assert (loaded.dense_config, loaded.rounds_done, loaded.history, loaded.search_seconds, loaded.reward_evaluations, loaded.taylor_steps) == (
+        state.dense_config, 2, state.history, 1.25, 8, 7)
+    write_state(str(tmp_path), PruningState(dense_config={}))  # before the first round: no tensors at all
+    assert read_state(str(tmp_path)).masks == {} and not (tmp_path / "rlprune_agent.safetensors").exists()
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -116,7 +116,7 @@ def test_a_checkpoint_pushed_during_training_holds_the_pruning_state(tmp_path, h
     """hub_strategy "checkpoint": the Trainer starts uploading a checkpoint before on_save, so the state is written first."""
     from transformers import TrainerCallback
 
-    from hf_rlprune.callback import AGENT_FILE, STATE_FILE
+    from hf_rlprune.callback_state import AGENT_FILE, STATE_FILE
 
     from .test_callback import train
 
