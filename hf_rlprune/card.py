@@ -92,10 +92,10 @@ def _latency_where(report: dict) -> str:
 
 
 def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model", reproduce_command: str | None = None,
-                      dataset_name: str | None = None, plot_file: str | None = None) -> ModelCard:
+                      dataset_name: str | None = None, plot_file: str | None = None, report_file: str = REPORT_FILE) -> ModelCard:
     """The model card: YAML with model-index eval results, text with the tables, plot and reproduce command.
     `dataset_name` ("cifar10", "imdb" or a Hub id) is the data the accuracy was measured on; unset, the card names no
-    dataset ("custom" in the eval results)."""
+    dataset ("custom" in the eval results). `report_file` is the name the report is saved under beside the card."""
     is_cnn = report["model_type"] == RLPruneCNNConfig.model_type
     task_type = "image-classification" if is_cnn else "text-classification"
     # a card names only the data it was told about: the callback in a user's script may train on anything
@@ -139,7 +139,10 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
     plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot saved with this card)"
     rounds, planned = report.get("rounds") or [], report["num_rounds"]
     finished_early = len(rounds) < planned  # training stopped before the last round: the budget met is the last round's
-    rounds_text = f"{len(rounds)} of {planned} planned rounds (training ended before the rest)" if finished_early else f"{planned} rounds"
+    if finished_early:
+        rounds_text = f"{len(rounds)} of {planned} planned rounds on a cubic budget schedule (training ended before the rest)"
+    else:
+        rounds_text = f"{planned} rounds on a cubic budget schedule" if planned > 1 else "one round"
     target = (rounds[-1]["target"] if rounds else 1.0) if finished_early else report["target"]  # no round: still dense
     cost_note = report.get("cost_note", "")
     latency_where = _latency_where(report)
@@ -186,6 +189,7 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
         reward_mode=report["reward_mode"],
         importance=report["importance"],
         rounds_text=rounds_text,
+        report_file=report_file,
         reward_evaluations=report["search"]["reward_evaluations"],
         search_seconds=f"{report['search']['search_seconds']:.1f}",
         reward_setup=reward_setup,
@@ -277,12 +281,15 @@ def save_pruned_model(model, save_dir, report: dict, processing_class=None, repo
 def push_pruned_folder(save_dir, repo_id: str, token: str | None = None, private: bool | None = None,
                        revision: str | None = None) -> None:
     """Upload a saved pruned-model folder (model, card, report) to the Hub repo `repo_id`, created if missing (private
-    if asked), on branch `revision` (created from main if missing) or main."""
+    if asked), on branch `revision` (created from main if missing) or main. The branch then holds the folder's files
+    and no others (its .gitattributes stays): an earlier run's files, say an ONNX export of other widths, would
+    otherwise sit beside the new weights."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    api.upload_folder(folder_path=str(save_dir), repo_id=repo_id, revision=revision, commit_message="Upload pruned model (hf_rlprune)")
+    api.upload_folder(folder_path=str(save_dir), repo_id=repo_id, revision=revision, delete_patterns="*",
+                      commit_message="Upload pruned model (hf_rlprune)")
     logger.info("Pushed %s to %s%s", save_dir, repo_id, f" (revision {revision})" if revision else "")

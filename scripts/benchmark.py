@@ -423,7 +423,8 @@ def write_outputs(results: dict, args: BenchmarkArguments) -> dict:
             report.update(architecture_latency(results, report))
         has_plot = plot_accuracy_vs_macs(report, os.path.join(args.cards_dir, f"{name}.png"))
         card = render_model_card(report, repo_id=f"hf-rlprune/{name}", reproduce_command=command, dataset_name=results["task"],
-                                 plot_file=f"{name}.png" if has_plot else None)
+                                 plot_file=f"{name}.png" if has_plot else None, report_file=f"{name}.json")
+        write_text_atomic(os.path.join(args.cards_dir, f"{name}.json"), json.dumps(report, indent=2, sort_keys=True) + "\n")
         card.save(os.path.join(args.cards_dir, f"{name}.md"))
     return summary
 

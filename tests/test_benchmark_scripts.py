@@ -284,6 +284,10 @@ def test_pruning_while_pretraining_trains_a_fresh_model_for_the_whole_recipe(tmp
     assert "![accuracy versus MACs](cifar10-while-pretraining-50pct-macs.png)" in card and "{{" not in card
     assert (tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.png").stat().st_size > 0
     assert "| latency" not in card and "Latency:" not in card  # --latency_runs 0
+    # the card's figures are in the report saved beside it, under the name the card gives
+    report = json.loads((tmp_path / "cards" / "cifar10-while-pretraining-50pct-macs.json").read_text())
+    assert "`cifar10-while-pretraining-50pct-macs.json` next to this card" in card and report["policy"] == run["report"]["policy"]
+    assert "2 rounds on a cubic budget schedule," in card
     # --card_latency: the card of a run measured without latency gets it from its rebuilt architecture, measured here
     results_path = str(tmp_path / "bench" / "cifar10-while-pretraining.json")
     benchmark.main(["--report_only", results_path, "--card_latency", "True", "--output_dir", str(tmp_path / "again"),

@@ -84,6 +84,7 @@ def test_callback_prunes_compacts_and_saves(tmp_path):
     # a user's own run: the card names no dataset it was not told about, and no command it does not know
     assert "datasets:" not in card and "cifar10" not in card and "type: custom" in card
     assert "## Reproduce" not in card and "{%" not in card
+    assert "2 rounds on a cubic budget schedule," in card and "`pruning_report.json` next to this card" in card
     report = json.loads((saved / "pruning_report.json").read_text())
     assert report["macs"]["pruned"] == compute_macs(model.config)
     assert report["search"]["reward_evaluations"] == 8
@@ -465,7 +466,9 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
 def test_the_report_records_batch_norm_recalibration_only_where_it_ran(tmp_path):
     _, callback = train(tmp_path, prune_config(num_rounds=1, bn_recalibration_batches=3))  # TINY_CNN has no batch norm
     assert callback.report["reward_setup"]["bn_recalibration_batches"] == 0
-    assert "batch-norm" not in (tmp_path / "pruned" / "README.md").read_text()
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "batch-norm" not in card
+    assert "importance, one round,\n" in card and "schedule" not in card  # one round has no budget schedule
 
 
 def test_the_compacted_model_is_checked_against_the_masked_one(tmp_path, monkeypatch, caplog):

@@ -96,6 +96,16 @@ def test_push_honours_private_repo_and_revision(tmp_path, hub_server):  # noqa: 
     assert HfApi(token=hub_server.token).model_info("org/private-pruned").private
     with pytest.raises(RepositoryNotFoundError):  # not visible without a token
         HfApi(token=False).model_info("org/private-pruned")
+    # the repo mirrors the folder, as a save replaces the folder: a re-run's push leaves no file of the earlier run
+    # (here an ONNX export of other widths) beside the new weights; .gitattributes stays
+    (tmp_path / "pruned" / "model.onnx").write_bytes(b"earlier run")
+    prune.push_pruned_folder(str(tmp_path / "pruned"), "org/private-pruned", hub_server.token, revision="v1")
+    (tmp_path / "pruned" / "model.onnx").unlink()
+    (tmp_path / "pruned" / "config.json").write_text('{"conv_channels": [9, 17]}')
+    prune.push_pruned_folder(str(tmp_path / "pruned"), "org/private-pruned", hub_server.token, revision="v1")
+    files = hub_server.hub.files("org/private-pruned", "v1")
+    assert "model.onnx" not in files and files["config.json"] == b'{"conv_channels": [9, 17]}'
+    assert ".gitattributes" in files
 
 
 def test_callback_pushes_the_pruned_model_to_its_own_repo(tmp_path, hub_server):  # noqa: F811
