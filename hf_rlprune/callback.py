@@ -40,7 +40,7 @@ from .pruning import (
     remove_masks,
 )
 from .pruning.latency_table import LatencyTable, default_cache_dir
-from .reward import RewardEvaluator, batched_accuracy, move_to_device, take_batches
+from .reward import CandidateRepair, RewardEvaluator, batched_accuracy, move_to_device, take_batches
 from .search import run_search
 
 logger = logging.getLogger(__name__)
@@ -208,19 +208,11 @@ class RLPruneCallback(TrainerCallback):
         reward_dataset = self._reward_dataset_for(model, args)
         reward_loader = DataLoader(reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
         autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
-        self._evaluator = RewardEvaluator(
-            reward_batches=list(reward_loader),
-            recovery_steps=cfg.recovery_steps,
-            recovery_batches=None,
-            recovery_lr=cfg.recovery_lr,
-            importance=cfg.importance,
-            seed=cfg.prune_seed,
-            autocast_dtype=autocast,
-            candidates_per_pass=cfg.candidates_per_pass,
-            refit_ridge=cfg.effective_refit_ridge,
-            bn_recalibration_batches=cfg.bn_recalibration_batches,
-        )
-        if self._recovery_batch_count() and isinstance(self._train_dataset, torch.utils.data.IterableDataset):
+        repair = CandidateRepair(refit_ridge=cfg.effective_refit_ridge, bn_recalibration_batches=cfg.bn_recalibration_batches,
+                                 recovery_steps=cfg.recovery_steps, recovery_lr=cfg.recovery_lr)
+        self._evaluator = RewardEvaluator(list(reward_loader), repair=repair, importance=cfg.importance, seed=cfg.prune_seed,
+                                          autocast_dtype=autocast, candidates_per_pass=cfg.candidates_per_pass)
+        if repair.training_batches and isinstance(self._train_dataset, torch.utils.data.IterableDataset):
             raise ValueError(
                 "The training set is an iterable (streaming) dataset, but each pruning round draws shuffled training "
                 "batches from it for the reward (the refit's calibration, recovery steps, batch-norm recalibration). "
@@ -332,13 +324,9 @@ class RLPruneCallback(TrainerCallback):
         return self.config.save_dir or os.path.join(args.output_dir, "pruned")
 
     # ---- rounds -----------------------------------------------------------------------------------------------
-    def _recovery_batch_count(self) -> int:
-        """Training batches a round's reward needs: the refit's calibration, recovery steps, batch-norm recalibration."""
-        refit = self._evaluator.refit_batches if self.config.refit else 0
-        return max(self.config.recovery_steps, refit, self.config.bn_recalibration_batches)
-
     def _recovery_batches(self, round_index: int) -> list[dict]:
-        count = self._recovery_batch_count()
+        """The training batches this round's candidates are repaired on (shuffled with the round's seed)."""
+        count = self._evaluator.repair.training_batches
         if not count:
             return []
         generator = torch.Generator().manual_seed(self.config.prune_seed * 1000 + round_index)

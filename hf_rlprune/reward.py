@@ -17,6 +17,7 @@ one module, bidirectional) are evaluated one candidate at a time, on the same co
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,62 +73,82 @@ def _autocast(model, dtype):
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class CandidateRepair:
+    """What is done to each masked candidate before its reward is measured, in this order.
+
+    Args:
+        refit_ridge: when set, the pruned layers' consumers are refitted by ridge least squares to the round model's
+            outputs on `refit_batches` training batches (`pruning.refit`), so recovery starts from the closest fit of
+            the unpruned function rather than from plain masking; the value is the ridge strength relative to the mean
+            eigenvalue of the inputs' Gram matrix. None: no refit.
+        refit_batches: training batches the refit is fitted on.
+        bn_recalibration_batches: when > 0, the batch-norm running statistics are recomputed on this many training
+            batches after masking and refit (`pruning.refit.recalibrate_batch_norm`); 0 keeps the round's statistics.
+            Models without batch norm are unaffected (nothing runs).
+        recovery_steps: Adam steps of recovery training (0 measures right after the above).
+        recovery_lr: learning rate of the recovery.
+    """
+
+    refit_ridge: float | None = None
+    refit_batches: int = 4
+    bn_recalibration_batches: int = 0
+    recovery_steps: int = 0
+    recovery_lr: float = 1e-3
+
+    def __post_init__(self):
+        if self.recovery_steps < 0:
+            raise ValueError(f"recovery_steps = {self.recovery_steps} must be >= 0.")
+        if self.refit_ridge is not None and (self.refit_ridge < 0 or self.refit_batches < 1):
+            raise ValueError(f"refit_ridge = {self.refit_ridge} must be >= 0 and refit_batches = {self.refit_batches} >= 1.")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches = {self.bn_recalibration_batches} must be >= 0 (0: keep the round's "
+                             "batch-norm statistics).")
+
+    @property
+    def training_batches(self) -> int:
+        """Training batches a round needs: the refit's calibration, batch-norm recalibration, recovery steps."""
+        return max(self.refit_batches if self.refit_ridge is not None else 0, self.bn_recalibration_batches, self.recovery_steps)
+
+
 class RewardEvaluator:
     """`evaluate(widths) -> accuracy` for PruningEnv, on a scratch copy of the model frozen at the round's start.
 
     Args:
         reward_batches: collated batches of the reward split (moved to the device once).
-        recovery_batches: collated training batches used for the short recovery (moved to the device once).
-        recovery_steps: optimizer steps of recovery per candidate (0 measures right after masking).
-        recovery_lr: Adam learning rate of the recovery.
+        recovery_batches: collated training batches the repair uses (moved to the device once); `begin_round` can
+            give each round its own.
+        repair: the refit, batch-norm recalibration and recovery each candidate gets before it is measured.
         importance: criterion that picks which units a width keeps.
+        seed: seeds every candidate's dropout stream (the same for all) and random importance.
+        autocast_dtype: the Trainer's mixed precision, so candidates run as the model trains.
         candidates_per_pass: most candidates trained and measured together in one vmapped pass (memory grows with
             it: K copies of the weights, Adam moments and activations); 1 evaluates them one at a time.
         stack_candidates: use the vmapped pass; default on CUDA only. A GPU is underused by one small model and
             gains several times; on a CPU one candidate already fills the cores, and the stacked (grouped) convs
             measured about 1.5x slower per candidate than one at a time (2 cores, the reference CNN); and under vmap
             torch's CPU autocast leaves linears in float32, so a stacked pass there ignores bf16/fp16.
-        refit_ridge: when set, each candidate's pruned layers' consumers are first refitted by ridge least squares
-            to the round model's outputs on `refit_batches` recovery batches (`pruning.refit`), so recovery starts
-            from the closest fit of the unpruned function rather than from plain masking; the value is the ridge
-            strength relative to the mean eigenvalue of the inputs' Gram matrix. None: no refit.
-        bn_recalibration_batches: when > 0, each candidate's batch-norm running statistics are recomputed on this
-            many recovery batches after masking and refit (`pruning.refit.recalibrate_batch_norm`), before recovery;
-            0 keeps the round's statistics. Models without batch norm are unaffected (nothing runs).
     """
 
     def __init__(
         self,
         reward_batches: list[dict],
         recovery_batches: list[dict] | None = None,
-        recovery_steps: int = 0,
-        recovery_lr: float = 1e-3,
+        repair: CandidateRepair | None = None,
         importance: str = "l1",
         seed: int = 0,
         autocast_dtype: torch.dtype | None = None,
         candidates_per_pass: int = 8,
         stack_candidates: bool | None = None,
-        refit_ridge: float | None = None,
-        refit_batches: int = 4,
-        bn_recalibration_batches: int = 0,
     ):
         if not reward_batches:
             raise ValueError("The reward split is empty: give at least one batch of held-out training examples.")
-        if recovery_steps < 0:
-            raise ValueError(f"recovery_steps = {recovery_steps} must be >= 0.")
         if candidates_per_pass < 1:
             raise ValueError(f"candidates_per_pass = {candidates_per_pass} must be >= 1.")
-        if refit_ridge is not None and (refit_ridge < 0 or refit_batches < 1):
-            raise ValueError(f"refit_ridge = {refit_ridge} must be >= 0 and refit_batches = {refit_batches} >= 1.")
-        if bn_recalibration_batches < 0:
-            raise ValueError(f"bn_recalibration_batches = {bn_recalibration_batches} must be >= 0 (0: keep the round's "
-                             "batch-norm statistics).")
-        self.refit_ridge, self.refit_batches = refit_ridge, int(refit_batches)
-        self.bn_recalibration_batches = int(bn_recalibration_batches)
+        self.repair = repair or CandidateRepair()
         self.candidates_per_pass, self.stack_candidates = int(candidates_per_pass), stack_candidates
         self.reward_batches_cpu = reward_batches
         self.recovery_batches_cpu = recovery_batches or []
-        self.recovery_steps, self.recovery_lr = recovery_steps, recovery_lr
         self.importance, self.seed, self.autocast_dtype = importance, seed, autocast_dtype
         self.evaluations = 0
         self._scratch = None
@@ -142,10 +163,10 @@ class RewardEvaluator:
             self.recovery_batches = [move_to_device(b, device) for b in self.recovery_batches_cpu]
         if recovery_batches is not None:
             self.recovery_batches = [move_to_device(b, device) for b in recovery_batches]
-        if (self.recovery_steps or self.refit_ridge is not None or self.bn_recalibration_batches) and not self.recovery_batches:
-            needs = (f"recovery_steps = {self.recovery_steps}" if self.recovery_steps else
-                     f"refit_ridge = {self.refit_ridge}" if self.refit_ridge is not None else
-                     f"bn_recalibration_batches = {self.bn_recalibration_batches}")
+        if self.repair.training_batches and not self.recovery_batches:
+            needs = (f"recovery_steps = {self.repair.recovery_steps}" if self.repair.recovery_steps else
+                     f"refit_ridge = {self.repair.refit_ridge}" if self.repair.refit_ridge is not None else
+                     f"bn_recalibration_batches = {self.repair.bn_recalibration_batches}")
             raise ValueError(f"{needs} needs recovery batches (training batches); pass recovery_batches.")
         self._snapshot = {key: value.detach().clone() for key, value in model.state_dict().items()}
         self._masks = get_masks(model)
@@ -153,9 +174,9 @@ class RewardEvaluator:
         if self._scratch is None or self._scratch.config.to_dict() != model.config.to_dict():
             self._scratch = type(model)(model.config).to(device)
         self._scratch.train(model.training)
-        if self.refit_ridge is not None:  # what every candidate's consumers are refitted to: this round's model
+        if self.repair.refit_ridge is not None:  # what every candidate's consumers are refitted to: this round's model
             # measured on the scratch copy, as the candidates are: the live model may run under a Trainer's autocast
-            self._calibration = self.recovery_batches[: self.refit_batches]
+            self._calibration = self.recovery_batches[: self.repair.refit_batches]
             scratch = self._load_round()
             scratch.eval()
             self._reference = reference_outputs(scratch, self._calibration)
@@ -175,7 +196,7 @@ class RewardEvaluator:
         the names of the parameters changed."""
         was_training = model.training
         model.eval()
-        names = refit_consumers(model, masks, self._calibration, self._reference, ridge=self.refit_ridge)
+        names = refit_consumers(model, masks, self._calibration, self._reference, ridge=self.repair.refit_ridge)
         model.train(was_training)
         return names
 
@@ -184,11 +205,11 @@ class RewardEvaluator:
         batch-norm statistics the recalibration recomputes when it is on, on the CPU: what the trained model takes
         when this allocation is applied, so training continues from the weights the candidate's recovery started
         from (with no recovery steps, the model its reward was measured on)."""
-        if self.refit_ridge is None:
+        if self.repair.refit_ridge is None:
             raise RuntimeError("refitted_tensors needs refit_ridge to be set.")
         scratch, names = self._masked(widths)
         tensors = {name: scratch.get_parameter(name) for name in names}
-        if self.bn_recalibration_batches:
+        if self.repair.bn_recalibration_batches:
             norms = {id(norm) for norm in batch_norms(scratch)}
             tensors.update({name: buffer for name, buffer in scratch.named_buffers()
                             if id(scratch.get_submodule(name.rpartition(".")[0])) in norms})
@@ -207,9 +228,9 @@ class RewardEvaluator:
         if masks is None:
             masks = masks_from_widths(scratch, widths, self.importance, taylor=self._taylor, seed=self.seed)
         apply_masks(scratch, masks)
-        names = self._refit(scratch, masks) if self.refit_ridge is not None else []
-        if self.bn_recalibration_batches:
-            calibration = self.recovery_batches[: self.bn_recalibration_batches]
+        names = self._refit(scratch, masks) if self.repair.refit_ridge is not None else []
+        if self.repair.bn_recalibration_batches:
+            calibration = self.recovery_batches[: self.repair.bn_recalibration_batches]
             recalibrate_batch_norm(scratch, calibration, _autocast(scratch, self.autocast_dtype))
         return scratch, names
 
@@ -236,14 +257,14 @@ class RewardEvaluator:
 
     def _evaluate_one(self, widths: dict[str, int]) -> float:
         model = self.masked_copy(widths)
-        if self.recovery_steps:
+        if self.repair.recovery_steps:
             self._recover(model)
         return batched_accuracy(model, self.reward_batches, self.autocast_dtype)
 
     def _recovery_schedule(self) -> list[dict]:
         batches = self.recovery_batches
-        repeats = math.ceil(self.recovery_steps / len(batches))
-        return (batches * repeats)[: self.recovery_steps]
+        repeats = math.ceil(self.repair.recovery_steps / len(batches))
+        return (batches * repeats)[: self.repair.recovery_steps]
 
     def _evaluate_stacked(self, candidates: list[dict[str, int]]) -> list[float]:
         """Train and measure K masked copies at once: weights stacked to (K, ...), one vmapped forward per batch."""
@@ -257,7 +278,7 @@ class RewardEvaluator:
         # (K, *broadcastable shape) per masked tensor: every candidate masks every group, so all share the same names
         stacked_multipliers = {name: torch.stack([factors[name] for factors in multipliers]) for name in multipliers[0]}
         count = len(candidates)
-        if self.refit_ridge is None and not self.bn_recalibration_batches:
+        if self.repair.refit_ridge is None and not self.repair.bn_recalibration_batches:
             params = {  # (K, *shape); frozen parameters stay frozen, as on the one-at-a-time path
                 name: param.detach().unsqueeze(0).repeat(count, *[1] * param.dim()).requires_grad_(param.requires_grad)
                 for name, param in base.named_parameters()
@@ -283,9 +304,9 @@ class RewardEvaluator:
 
         param_factors = {name: factor for name, factor in stacked_multipliers.items() if name in params}
         autocast = _autocast(base, self.autocast_dtype)
-        if self.recovery_steps:
+        if self.repair.recovery_steps:
             base.train()
-            optimizer = torch.optim.Adam([value for value in params.values() if value.requires_grad], lr=self.recovery_lr)
+            optimizer = torch.optim.Adam([value for value in params.values() if value.requires_grad], lr=self.repair.recovery_lr)
             losses = vmap(lambda p, b, f, batch: forward(p, b, f, batch).loss, in_dims=(0, 0, 0, None), randomness="same")
             for batch in self._recovery_schedule():
                 optimizer.zero_grad(set_to_none=True)
@@ -307,7 +328,7 @@ class RewardEvaluator:
 
     def _recover(self, model: nn.Module) -> None:
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.recovery_lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.repair.recovery_lr)
         autocast = _autocast(model, self.autocast_dtype)
         for batch in self._recovery_schedule():
             optimizer.zero_grad(set_to_none=True)

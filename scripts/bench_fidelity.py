@@ -14,7 +14,7 @@ callback measured its rewards after the first fine-tuning step, with per-seed re
 rewards differ slightly from these.) Prints the Spearman correlation of reward with test accuracy and the
 milliseconds per candidate (after an untimed warm-up), and writes them to --output. The correlation with the same
 models' accuracy on the held-out reward split is printed beside it: compare reward designs on that one, not on test.
---fidelity_refit_ridges adds rows with the consumers refitted before recovery (RewardEvaluator refit_ridge), and
+--fidelity_refit_ridges adds rows with the consumers refitted before recovery (CandidateRepair refit_ridge), and
 --fidelity_bn_recalibration_batches rows with each candidate's batch-norm statistics recomputed. Data and pre-training take
 benchmark.py's arguments; its method, seed and search arguments do nothing here, and --budgets picks the policies.
 """
@@ -32,7 +32,7 @@ from benchmark import BenchmarkArguments, setup_task, spearman  # scripts/ is on
 from hf_rlprune import RLPruneConfig
 from hf_rlprune.atomic import write_text_atomic
 from hf_rlprune.pruning import widths_from_keep_ratios
-from hf_rlprune.reward import RewardEvaluator, take_batches
+from hf_rlprune.reward import CandidateRepair, RewardEvaluator, take_batches
 from hf_rlprune.tasks import DeviceBatchCollator, IndexDataset
 
 logger = logging.getLogger("hf_rlprune.bench_fidelity")
@@ -46,11 +46,11 @@ class FidelityArguments(BenchmarkArguments):
                                                metadata={"help": "Recovery lengths (Adam steps per candidate) to compare."})
     fidelity_refit_ridges: list[float] = field(
         default_factory=list,
-        metadata={"help": "Also score with the consumers refitted (RewardEvaluator refit_ridge) at each of these ridges, "
+        metadata={"help": "Also score with the consumers refitted (CandidateRepair refit_ridge) at each of these ridges, "
                           "at every recovery length."})
     fidelity_bn_recalibration_batches: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"help": "Batch-norm recalibration lengths (RewardEvaluator bn_recalibration_batches; 0: off) to compare, "
+        metadata={"help": "Batch-norm recalibration lengths (CandidateRepair bn_recalibration_batches; 0: off) to compare, "
                           "with every refit ridge and recovery length."})
     output: str = field(default="results/fidelity.json", metadata={"help": "Where the JSON results go."})
 
@@ -110,10 +110,10 @@ def main(argv=None) -> dict:
     rows = []
 
     def evaluator_for(steps, ridge, norm_batches):
-        evaluator = RewardEvaluator(reward_batches, shared_batches[:max(steps, refit_batches, norm_batches)], recovery_steps=steps,
-                                    recovery_lr=prune.recovery_lr, importance=prune.importance, autocast_dtype=setup.autocast,
-                                    candidates_per_pass=prune.candidates_per_pass, refit_ridge=ridge, refit_batches=refit_batches,
-                                    bn_recalibration_batches=norm_batches)
+        repair = CandidateRepair(refit_ridge=ridge, refit_batches=refit_batches, bn_recalibration_batches=norm_batches,
+                                 recovery_steps=steps, recovery_lr=prune.recovery_lr)
+        evaluator = RewardEvaluator(reward_batches, shared_batches[:repair.training_batches], repair=repair, importance=prune.importance,
+                                    autocast_dtype=setup.autocast, candidates_per_pass=prune.candidates_per_pass)
         evaluator.begin_round(setup.dense)
         return evaluator
 

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import get_prunable_groups
-from hf_rlprune.reward import RewardEvaluator
+from hf_rlprune.reward import CandidateRepair, RewardEvaluator
 
 
 @dataclass
@@ -69,8 +69,9 @@ def main(argv=None) -> dict:
     candidates = [random_allocation(model, rng) for _ in range(args.candidates)]
     results, reference = {}, None
     for per_pass in sorted(set(args.candidates_per_pass) | {1}):  # K=1 first: the reference every K is compared with
-        evaluator = RewardEvaluator(reward_batches, recovery_batches, recovery_steps=args.recovery_steps, candidates_per_pass=per_pass,
-                                    stack_candidates=per_pass > 1, autocast_dtype=autocast, refit_ridge=args.refit_ridge)
+        repair = CandidateRepair(refit_ridge=args.refit_ridge, recovery_steps=args.recovery_steps)
+        evaluator = RewardEvaluator(reward_batches, recovery_batches, repair=repair, candidates_per_pass=per_pass,
+                                    stack_candidates=per_pass > 1, autocast_dtype=autocast)
         evaluator.begin_round(model)
         evaluator.evaluate_batch(candidates[:per_pass])  # warm-up: kernels, allocator
         if device.type == "cuda":

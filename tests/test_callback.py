@@ -457,7 +457,7 @@ def test_the_trained_model_continues_from_the_refitted_candidate(tmp_path, refit
     assert recorder.rlprune.report["reward_setup"]["bn_recalibration_batches"] == norm_batches
     if norm_batches:  # the statistics came with the weights: recomputed, not the round's running averages
         assert "batch-norm statistics recomputed on 2 training batches" in (tmp_path / "pruned" / "README.md").read_text()
-        assert len(recorder.rlprune._recovery_batches(0)) == max(norm_batches, recorder.rlprune._evaluator.refit_batches)
+        assert len(recorder.rlprune._recovery_batches(0)) == max(norm_batches, recorder.rlprune._evaluator.repair.refit_batches)
         evaluator = recorder.rlprune._evaluator
         carried = {name: value for name, value in evaluator.refitted_tensors(record["widths"]).items() if "running_var" in name}
         assert len(carried) == 2 and all(not torch.equal(value, evaluator._snapshot[name]) for name, value in carried.items())

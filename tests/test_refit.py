@@ -13,7 +13,7 @@ from hf_rlprune.pruning.refit import (
     refit_consumers,
     reference_outputs,
 )
-from hf_rlprune.reward import RewardEvaluator
+from hf_rlprune.reward import CandidateRepair, RewardEvaluator
 from tests.test_reward import CANDIDATES, counting_batches, quadrant_batches, train_counting_lstm, train_quadrant_cnn
 
 
@@ -108,8 +108,9 @@ def test_refitted_rewards_stacked_and_one_at_a_time():
     trained_cnn = train_quadrant_cnn()
 
     def evaluator(per_pass, ridge, steps=0):
-        return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(4, 32, seed=3), recovery_steps=steps, recovery_lr=3e-3,
-                               candidates_per_pass=per_pass, stack_candidates=True, refit_ridge=ridge)
+        return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(4, 32, seed=3),
+                               repair=CandidateRepair(refit_ridge=ridge, recovery_steps=steps, recovery_lr=3e-3),
+                               candidates_per_pass=per_pass, stack_candidates=True)
 
     rewards = {}
     for key in [(1, None), (1, 0.1), (4, 0.1), (4, None)]:
@@ -129,9 +130,9 @@ def test_refitted_rewards_stacked_and_one_at_a_time():
     reward.begin_round(live)
     assert reward.evaluate_batch(CANDIDATES) == rewards[(1, 0.1)]
     with pytest.raises(ValueError, match="refit_ridge = 0.1 needs recovery batches"):
-        RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=0.1).begin_round(trained_cnn)
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), repair=CandidateRepair(refit_ridge=0.1)).begin_round(trained_cnn)
     with pytest.raises(ValueError, match="refit_ridge = -0.5"):
-        RewardEvaluator(quadrant_batches(1, 8, seed=2), refit_ridge=-0.5)
+        CandidateRepair(refit_ridge=-0.5)
 
 
 
@@ -181,8 +182,9 @@ def test_refitted_lstm_rewards_stacked_and_one_at_a_time():
                   {"lstm_layers.0": 6, "embeddings": 4, "hidden_layers.0": 3}]
     rewards = {}
     for per_pass, ridge in [(1, None), (1, 0.01), (4, 0.01)]:
-        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(4, 32, seed=3), recovery_steps=3, recovery_lr=3e-3,
-                                 candidates_per_pass=per_pass, stack_candidates=True, refit_ridge=ridge)
+        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(4, 32, seed=3),
+                                 repair=CandidateRepair(refit_ridge=ridge, recovery_steps=3, recovery_lr=3e-3),
+                                 candidates_per_pass=per_pass, stack_candidates=True)
         reward.begin_round(model)
         rewards[per_pass, ridge] = reward.evaluate_batch(candidates)
     assert rewards[4, 0.01] == pytest.approx(rewards[1, 0.01], abs=1 / 256 + 1e-9)
@@ -301,7 +303,7 @@ def test_batch_norm_recalibrated_rewards_stacked_and_one_at_a_time():
 
     def evaluator(per_pass, norm_batches, ridge=None):
         return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(4, 32, seed=3), candidates_per_pass=per_pass,
-                               stack_candidates=True, refit_ridge=ridge, bn_recalibration_batches=norm_batches)
+                               stack_candidates=True, repair=CandidateRepair(refit_ridge=ridge, bn_recalibration_batches=norm_batches))
 
     rewards = {}
     for key in [(1, 0), (1, 3), (4, 3), (1, 3, 0.1), (4, 3, 0.1)]:
@@ -312,6 +314,6 @@ def test_batch_norm_recalibrated_rewards_stacked_and_one_at_a_time():
     assert rewards[(4, 3, 0.1)] == pytest.approx(rewards[(1, 3, 0.1)], abs=1 / 256 + 1e-9)
     assert sum(rewards[(1, 3)][1:3]) > sum(rewards[(1, 0)][1:3])  # fresh statistics recover pruned accuracy
     with pytest.raises(ValueError, match="bn_recalibration_batches = 2 needs recovery batches"):
-        RewardEvaluator(quadrant_batches(1, 8, seed=2), bn_recalibration_batches=2).begin_round(trained_cnn)
+        RewardEvaluator(quadrant_batches(1, 8, seed=2), repair=CandidateRepair(bn_recalibration_batches=2)).begin_round(trained_cnn)
     with pytest.raises(ValueError, match="bn_recalibration_batches = -1"):
-        RewardEvaluator(quadrant_batches(1, 8, seed=2), bn_recalibration_batches=-1)
+        CandidateRepair(bn_recalibration_batches=-1)

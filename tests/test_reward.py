@@ -3,7 +3,7 @@ import torch
 
 from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneLSTMConfig, RLPruneLSTMForSequenceClassification
 from hf_rlprune.pruning import apply_masks, get_masks, masks_from_widths
-from hf_rlprune.reward import RewardEvaluator, supports_stacked_candidates, take_batches
+from hf_rlprune.reward import CandidateRepair, RewardEvaluator, supports_stacked_candidates, take_batches
 
 CANDIDATES = [
     {"conv_blocks.0": 8, "conv_blocks.1": 16, "hidden_layers.0": 32},  # the round's model, unpruned further
@@ -45,8 +45,8 @@ def train_quadrant_cnn():
 
 def evaluator(candidates_per_pass, recovery_steps=6):
     # stacking is on for CUDA by default; forced here so that CPU tests exercise it
-    return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(3, 32, seed=3), recovery_steps=recovery_steps,
-                           recovery_lr=3e-3, candidates_per_pass=candidates_per_pass, stack_candidates=True, seed=0)
+    return RewardEvaluator(quadrant_batches(4, 64, seed=2), quadrant_batches(3, 32, seed=3),
+                           repair=CandidateRepair(recovery_steps=recovery_steps, recovery_lr=3e-3), candidates_per_pass=candidates_per_pass, stack_candidates=True, seed=0)
 
 
 def test_stacked_candidates_match_one_at_a_time(trained_cnn):
@@ -129,8 +129,8 @@ def test_stacked_lstm_candidates_match_one_at_a_time(pooling):
                   {"lstm_layers.0": 1, "embeddings": 1, "hidden_layers.0": 1}]
     rewards = []
     for per_pass in (1, 4, 3):
-        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(3, 32, seed=3), recovery_steps=6, recovery_lr=3e-3,
-                                 candidates_per_pass=per_pass, stack_candidates=True)
+        reward = RewardEvaluator(counting_batches(4, 64, seed=2), counting_batches(3, 32, seed=3),
+                                 repair=CandidateRepair(recovery_steps=6, recovery_lr=3e-3), candidates_per_pass=per_pass, stack_candidates=True)
         reward.begin_round(model)
         rewards.append(reward.evaluate_batch(candidates))
     assert rewards[0][0] > 0.8 and rewards[0][3] < rewards[0][0]  # a real task: width matters
@@ -148,7 +148,8 @@ def test_evaluator_errors_name_the_fix(trained_cnn):
 
 def test_candidates_are_stacked_on_cuda_only_by_default(trained_cnn, monkeypatch):
     # On a CPU one candidate already fills the cores and the stacked pass measured slower: one at a time there.
-    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), recovery_steps=1, candidates_per_pass=4)
+    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), repair=CandidateRepair(recovery_steps=1),
+                             candidates_per_pass=4)
     reward.begin_round(trained_cnn)
 
     def refuse(candidates):
@@ -161,7 +162,7 @@ def test_candidates_are_stacked_on_cuda_only_by_default(trained_cnn, monkeypatch
 def test_candidates_run_in_the_trainers_precision_on_cpu_too(trained_cnn):
     # A Trainer with bf16 on a CPU trains under CPU autocast: its candidates' recovery and reward must run so too.
     # (One at a time, the CPU default: under vmap torch's CPU autocast leaves linears in float32.)
-    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), recovery_steps=1,
+    reward = RewardEvaluator(quadrant_batches(1, 16, seed=2), quadrant_batches(1, 16, seed=3), repair=CandidateRepair(recovery_steps=1),
                              autocast_dtype=torch.bfloat16, candidates_per_pass=2)
     reward.begin_round(trained_cnn)
     seen = []  # the candidates are the scratch copy
