@@ -29,7 +29,7 @@ setup(
         "Jinja2>=3.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "optuna>=3.0"],
         "bench": ["scipy>=1.11"],
     },
 )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import RemoveColumnsCollator
 
 from .agent import PPOAgent, PPOConfig, RandomSearchPolicy, UniformPolicy
 from .callback_state import STATE_FILE, PruningState, read_agent, read_state, write_state
@@ -149,6 +150,12 @@ class RLPruneCallback(TrainerCallback):
 
     def __init__(self, config: RLPruneConfig | None = None, reward_dataset=None, data_collator=None):
         self.config = config or RLPruneConfig()
+        if reward_dataset is not None and not hasattr(reward_dataset, "__len__"):
+            raise ValueError(
+                f"reward_dataset is a {type(reward_dataset).__name__} without a length (a streamed dataset?), but every "
+                "candidate is measured on the same reward examples. Give a map-style dataset: load it with "
+                "streaming=False, or materialize some rows, e.g. Dataset.from_list(list(streamed.take(5000)))."
+            )
         if reward_dataset is None or len(reward_dataset) == 0:
             raise ValueError(
                 "RLPruneCallback needs reward_dataset: held-out training examples (not the test split) to measure the "
@@ -188,8 +195,10 @@ class RLPruneCallback(TrainerCallback):
                 f"{model.config.num_labels} (a regression head). Prune a classifier (num_labels >= 2)."
             )
         if state.global_step == 0 and self.dense_config is not None and model is not self.pruned_model:
-            # a new run (another model, or the Trainer's model_init) through the same callback: prune it afresh
+            # a new run (another model, the Trainer's model_init, or auto_find_batch_size's retry after running out of
+            # memory, which keeps the model) through the same callback: prune it afresh, from no masks
             self._reset_run_state()
+            remove_masks(model)
         if self.pruned_model is model and optimizer is not None:
             live = {id(parameter) for parameter in model.parameters()}
             if any(id(parameter) not in live for group in optimizer.param_groups for parameter in group["params"]):
@@ -203,9 +212,10 @@ class RLPruneCallback(TrainerCallback):
         self._round_steps = cfg.round_steps(state.max_steps)
         self._train_dataset = train_dataloader.dataset
         self._train_collator = train_dataloader.collate_fn
-        self._batch_size = args.per_device_train_batch_size
-        collator = self.data_collator or train_dataloader.collate_fn
-        reward_dataset = self._reward_dataset_for(model, args)
+        # the per-device batch size the Trainer trains with: auto_find_batch_size lowers it below the argument's on a retry
+        trained = state.train_batch_size // max(1, args.n_gpu) if state.train_batch_size else None
+        self._batch_size = trained or args.per_device_train_batch_size
+        reward_dataset, collator = self._reward_data(model, args, self.data_collator or train_dataloader.collate_fn)
         reward_loader = DataLoader(reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
         autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
         repair = CandidateRepair(refit_ridge=cfg.effective_refit_ridge, bn_recalibration_batches=cfg.bn_recalibration_batches,
@@ -219,30 +229,43 @@ class RLPruneCallback(TrainerCallback):
                 "Pass a map-style dataset (e.g. load_dataset(..., streaming=False)), or set refit=False, recovery_steps=0 "
                 "and bn_recalibration_batches=0."
             )
+        if cfg.save_on_train_end or args.save_strategy != "no":  # a search's unnamed trial folder: refused now
+            self._run_dir(args, state)
         if cfg.save_on_train_end and state.is_world_process_zero:
-            check_save_dir(self._save_dir(args), output_dir=args.output_dir)  # refused now, not after training
+            check_save_dir(self._save_dir(args, state), output_dir=args.output_dir)  # refused now, not after training
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
         if state.global_step > 0:
-            self._resume(self._checkpoint_to_resume(args, state), model, optimizer)
+            self._resume(*self._checkpoint_to_resume(args, state, model), model, optimizer)
         if cfg.uses_latency:
             self._build_latency_table(state)
         else:  # an impossible budget is an error now, not after warm-up training
             check_budget(model, cfg)
         self._handler = self._calling_handler()
 
-    def _checkpoint_to_resume(self, args, state) -> str:
-        """The checkpoint the Trainer resumed from: TrainingArguments.resume_from_checkpoint when set, else the
-        step's checkpoint under output_dir (TrainerCallback is not told the path given to `trainer.train`)."""
+    def _checkpoint_to_resume(self, args, state, model) -> tuple[str, PruningState]:
+        """The checkpoint the Trainer resumed from, and its pruning state: TrainingArguments.resume_from_checkpoint when
+        set, else the step's checkpoint in the run's folder (TrainerCallback is not told the path given to
+        `trainer.train`). A state saved with other weights than the model's (another run's checkpoint of that step)
+        is not taken."""
         candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
         candidates.append(self._checkpoint_dir(args, state))
-        for candidate in candidates:
-            if os.path.isfile(os.path.join(candidate, STATE_FILE)):
-                return candidate
-        raise FileNotFoundError(
-            f"Resuming at step {state.global_step}, but none of {candidates} holds {STATE_FILE} (the pruning masks and "
-            "agent). Pass the checkpoint as TrainingArguments(resume_from_checkpoint=...) or keep it under output_dir."
+        saved = [candidate for candidate in candidates if os.path.isfile(os.path.join(candidate, STATE_FILE))]
+        if not saved:
+            raise FileNotFoundError(
+                f"Resuming at step {state.global_step}, but none of {candidates} holds {STATE_FILE} (the pruning masks and "
+                "agent). Pass the checkpoint as TrainingArguments(resume_from_checkpoint=...) or keep it under output_dir."
+            )
+        digest = weights_digest(model)
+        for candidate in saved:
+            pruning_state = read_state(candidate)
+            if pruning_state.weights_sha1 in (None, digest):  # None: written before the digest was recorded
+                return candidate, pruning_state
+        raise ValueError(
+            f"Resuming at step {state.global_step}: the pruning state in {saved} was saved with other weights than the "
+            "ones the Trainer resumed, so it belongs to another run. Pass the checkpoint you resume from as "
+            "TrainingArguments(resume_from_checkpoint=...) too (the callback is not told the path given to train())."
         )
 
     def _build_latency_table(self, state) -> None:
@@ -281,8 +304,21 @@ class RLPruneCallback(TrainerCallback):
             self.save_state(checkpoint, model)
 
     @staticmethod
-    def _checkpoint_dir(args, state) -> str:
-        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def _run_dir(args, state) -> str:
+        """The folder the Trainer saves this run's checkpoints in: output_dir, or a hyperparameter search trial's
+        folder under it, which the callback can only name when the search names its trials (`hp_name`)."""
+        if state.trial_name is not None:
+            return os.path.join(args.output_dir, state.trial_name)
+        if state.trial_params is not None:
+            raise ValueError(
+                "Trainer.hyperparameter_search saves each trial's checkpoints in a folder of its own, which a callback is "
+                "told only when the search names its trials: pass hp_name, e.g. "
+                "trainer.hyperparameter_search(..., hp_name=lambda trial: f'run-{trial.number}')."
+            )
+        return args.output_dir
+
+    def _checkpoint_dir(self, args, state) -> str:
+        return os.path.join(self._run_dir(args, state), f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -297,20 +333,24 @@ class RLPruneCallback(TrainerCallback):
             )
         self.finalize(model)
         if self.config.save_on_train_end and state.is_world_process_zero:
-            save_dir = self._save_dir(args)
+            save_dir = self._save_dir(args, state)
             save_pruned_model(model, save_dir, self.report, processing_class=processing_class, dataset_name=self.config.dataset_name,
                               repo_id=self.config.pruned_hub_model_id)
             if self.config.pruned_hub_model_id:
                 push_pruned_folder(save_dir, self.config.pruned_hub_model_id, token=args.hub_token, private=args.hub_private_repo,
                                    revision=args.hub_revision)
 
-    def _reward_dataset_for(self, model, args):
-        """The reward split with the columns the Trainer drops from its training set (remove_unused_columns): those the
-        model's forward does not take, such as a tokenized set's raw "text", which the collator could not batch."""
+    def _reward_data(self, model, args, collator):
+        """The reward split and its collator, without the columns the Trainer drops from its training set
+        (remove_unused_columns): those the model's forward does not take, such as a tokenized set's raw "text", which
+        the collator could not batch. A `datasets.Dataset` loses them; other datasets (a list of dicts, a torch
+        Dataset) lose them per example in the collator, as the Trainer does."""
         dataset = self.reward_dataset
-        if not args.remove_unused_columns or not hasattr(dataset, "remove_columns"):
-            return dataset
+        if not args.remove_unused_columns:
+            return dataset, collator
         accepted = set(inspect.signature(type(model).forward).parameters) | {"label", "label_ids", *(args.label_names or [])}
+        if not hasattr(dataset, "remove_columns"):
+            return dataset, RemoveColumnsCollator(collator, sorted(accepted))
         unused = [name for name in dataset.column_names if name not in accepted]
         if len(unused) == len(dataset.column_names):
             raise ValueError(
@@ -318,10 +358,10 @@ class RLPruneCallback(TrainerCallback):
                 f"{sorted(accepted - {'self', 'kwargs'})}). Prepare it as the training set (tokenize / transform it the same way), "
                 "or set remove_unused_columns=False if a transform produces the inputs."
             )
-        return dataset.remove_columns(unused) if unused else dataset
+        return (dataset.remove_columns(unused) if unused else dataset), collator
 
-    def _save_dir(self, args) -> str:
-        return self.config.save_dir or os.path.join(args.output_dir, "pruned")
+    def _save_dir(self, args, state) -> str:
+        return self.config.save_dir or os.path.join(self._run_dir(args, state), "pruned")
 
     # ---- rounds -----------------------------------------------------------------------------------------------
     def _recovery_batches(self, round_index: int) -> list[dict]:
@@ -500,11 +540,11 @@ class RLPruneCallback(TrainerCallback):
             masks=get_masks(model),
             taylor_scores=self.taylor.scores if self.taylor is not None else {},
             taylor_steps=self.taylor.steps if self.taylor is not None else 0,
+            weights_sha1=weights_digest(model),
         )
         write_state(directory, state, self.agent)
 
-    def _resume(self, directory: str, model, optimizer) -> None:
-        state = read_state(directory)
+    def _resume(self, directory: str, state: PruningState, model, optimizer) -> None:
         if state.dense_config.get("model_type") != model.config.model_type:
             raise ValueError(f"{directory} holds pruning state for a {state.dense_config.get('model_type')} model, not "
                              f"{model.config.model_type}.")
@@ -534,6 +574,16 @@ class RLPruneCallback(TrainerCallback):
                 checkpoint, state.rounds_done, self.config.num_rounds, self._round_steps[-1],
             )
         self.rounds_done, self.history = state.rounds_done, state.history
+
+
+def weights_digest(model) -> str:
+    """A hash of the model's parameters, saved with the pruning state so a resume can tell its own checkpoint's state
+    from another run's."""
+    digest = hashlib.sha1()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def masks_digest(masks: dict[str, torch.Tensor]) -> str:

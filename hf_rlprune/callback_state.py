@@ -33,6 +33,7 @@ class PruningState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # group name -> (width,) bool
     taylor_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     taylor_steps: int = 0
+    weights_sha1: str | None = None  # the parameters the state was saved with (None in files written before it)
 
 
 def write_state(directory: str, state: PruningState, agent: PPOAgent | None = None) -> None:
@@ -47,6 +48,7 @@ def write_state(directory: str, state: PruningState, agent: PPOAgent | None = No
         "reward_evaluations": str(state.reward_evaluations),
         "taylor_steps": str(state.taylor_steps),
         "dense_config": json.dumps(state.dense_config),
+        **({"weights_sha1": state.weights_sha1} if state.weights_sha1 else {}),
     }
     # safetensors cannot save an empty file: a checkpoint from before the first round holds one placeholder
     atomic_write(lambda path: save_file(tensors or {"empty": torch.zeros(0)}, path, metadata=metadata), os.path.join(directory, STATE_FILE))
@@ -71,6 +73,7 @@ def read_state(directory: str) -> PruningState:
         masks={key.removeprefix("mask."): value.bool() for key, value in tensors.items() if key.startswith("mask.")},
         taylor_scores={key.removeprefix("taylor."): value for key, value in tensors.items() if key.startswith("taylor.")},
         taylor_steps=int(metadata["taylor_steps"]),
+        weights_sha1=metadata.get("weights_sha1"),
     )
 
 

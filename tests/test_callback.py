@@ -9,11 +9,11 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import save_file
-from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForImageClassification, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
 from hf_rlprune.callback_state import STATE_FILE, read_state
-from hf_rlprune.pruning import compact, compute_macs
+from hf_rlprune.pruning import compact, compute_macs, get_masks
 from hf_rlprune.reward import batched_accuracy
 
 TINY_CNN = dict(conv_channels=[8, 16], hidden_sizes=[32], image_size=8)
@@ -33,12 +33,13 @@ def prune_config(**overrides):
     return RLPruneConfig(**{**values, **overrides})
 
 
-def train(output_dir, config=None, extra_callbacks=(), resume=None, trailing_callbacks=(), **training_overrides):
+def train(output_dir, config=None, extra_callbacks=(), resume=None, trailing_callbacks=(), resume_in_args=True, **training_overrides):
     torch.manual_seed(0)
     model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
     train_set, reward_set = tiny_data()
     values = dict(max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[], save_strategy="no",
-                  logging_steps=5, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, resume_from_checkpoint=resume)
+                  logging_steps=5, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
+                  resume_from_checkpoint=resume if resume_in_args else None)
     args = TrainingArguments(str(output_dir), **{**values, **training_overrides})
     callback = RLPruneCallback(config or prune_config(), reward_dataset=reward_set)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=reward_set,
@@ -190,6 +191,59 @@ def test_round_metrics_reach_the_integrations_of_the_trainer_that_runs(tmp_path)
     assert all(sum("rlprune/macs" in logs for logs in recorder.logs) == 2 for recorder in recorders)  # none got the other's
 
 
+class OutOfMemoryOnce(TrainerCallback):
+    """Raises the CPU allocator's out-of-memory error once, at `step`: auto_find_batch_size retries with a smaller batch."""
+
+    def __init__(self, step):
+        self.step, self.fired, self.masks_before_rounds = step, False, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in (1, 3):
+            self.masks_before_rounds.append(get_masks(model))
+        if state.global_step == self.step and not self.fired:
+            self.fired = True
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+
+
+def test_auto_find_batch_size_retry_starts_the_pruning_afresh(tmp_path):
+    # The retry keeps the model: the first attempt's masks must not prune its warm-up, and the rounds' training batches
+    # take the retry's batch size
+    oom = OutOfMemoryOnce(step=6)  # after round 1 (step 4)
+    trainer, callback = train(tmp_path, prune_config(save_on_train_end=False), extra_callbacks=[oom], auto_find_batch_size=True)
+    assert oom.fired and oom.masks_before_rounds[-2:] == [{}, {}]  # steps 1 and 3 of the retry: unmasked
+    assert callback._batch_size == trainer._train_batch_size < 16
+    assert len(callback.history) == 2 and callback.reward_evaluations == 8  # the retry's two rounds, not three
+    assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+
+
+def test_hyperparameter_search_trials_keep_their_own_pruning_state_and_model(tmp_path):
+    # Each trial checkpoints in a folder of its own (<output_dir>/<hp_name(trial)>): its pruning state and pruned model go
+    # there too, not into output_dir, where the trials would overwrite each other's
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    train_set, reward_set = tiny_data()
+
+    def init(trial=None):
+        torch.manual_seed(0)
+        return RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+
+    args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, report_to=[], save_strategy="steps",
+                             save_steps=8, eval_strategy="steps", eval_steps=20, use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model_init=init, args=args, train_dataset=train_set, eval_dataset=reward_set, compute_metrics=_accuracy,
+                      callbacks=[RLPruneCallback(prune_config(), reward_dataset=reward_set)])
+
+    def space(trial):
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)}
+
+    with pytest.raises(ValueError, match="pass hp_name"):  # unnamed trials: their folders cannot be known
+        trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=1, hp_space=space)
+    trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=2, hp_space=space,
+                                  hp_name=lambda trial: f"trial-{trial.number}")
+    for trial in ("trial-0", "trial-1"):
+        assert (tmp_path / trial / "checkpoint-8" / STATE_FILE).exists() and (tmp_path / trial / "pruned" / "model.safetensors").exists()
+    assert not (tmp_path / "checkpoint-8").exists() and not (tmp_path / "pruned").exists()
+
+
 def test_training_again_after_compaction_needs_a_new_optimizer(tmp_path):
     trainer, _ = train(tmp_path, prune_config(save_on_train_end=False))
     trainer.args.max_steps = 4
@@ -227,6 +281,12 @@ def test_resumed_run_makes_the_same_decisions(tmp_path, importance):
     assert resumed.history[-1]["widths"] == uninterrupted.history[-1]["widths"]
     assert resumed.reward_evaluations == uninterrupted.reward_evaluations == 8  # the count carried over the resume
     assert resumed.report["search"]["reward_evaluations"] == 8
+    if importance == "l1":
+        # resumed through train() alone, from outside output_dir, which holds another run's checkpoint of that step:
+        # that run's state (saved with other weights) is refused, not taken for this one's
+        train(tmp_path / "other", prune_config(prune_seed=1, target=0.5), save_strategy="steps", save_steps=8)
+        with pytest.raises(ValueError, match=r"saved with other weights .*\(resume_from_checkpoint=\.\.\.\) too"):
+            train(tmp_path / "other", prune_config(), resume=str(checkpoint), resume_in_args=False)
     if importance == "l1":  # a damaged or missing agent state is an error, not a fresh agent deciding otherwise
         agent_file = checkpoint / "rlprune_agent.safetensors"
         agent_file.write_bytes(agent_file.read_bytes()[:100])
@@ -300,8 +360,37 @@ def test_reward_split_loses_the_columns_the_trainer_drops(tmp_path):
         return trainer
 
     assert compute_macs(fit(reward_set).model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    # a list of examples (or a torch Dataset) loses them per example, as the Trainer's own collator wrapper does
+    assert compute_macs(fit(list(reward_set)).model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
     with pytest.raises(ValueError, match=r"reward_dataset has no column the model takes \(columns \['caption'\]"):
         fit(reward_set.select_columns(["caption"]))
+
+
+def test_collated_extras_the_model_ignores_and_a_frozen_pruned_layer(tmp_path):
+    # A collator may add what the model's forward ignores (ids, a per-batch flag); users freeze layers while fine-tuning.
+    # Neither may break a round: the refit merges batches, and masks cut only gradients that exist.
+    def collate(rows):
+        batch = default_data_collator(rows)
+        return {**batch, "sample_ids": [f"id{index}" for index in range(len(rows))], "scale": torch.tensor(1.0)}
+
+    train_set, reward_set = tiny_data()
+    torch.manual_seed(0)
+    model = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN))
+    model.conv_blocks[0].requires_grad_(False)
+    frozen_before = model.conv_blocks[0].conv.weight.detach().clone()
+    args = TrainingArguments(str(tmp_path), max_steps=20, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+    callback = RLPruneCallback(prune_config(), reward_dataset=reward_set)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, callbacks=[callback])
+    trainer.train()
+    assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    compacted = trainer.model.conv_blocks[0].conv.weight  # frozen: every kept filter is one of the original ones
+    assert len(compacted) < len(frozen_before) and all(any(torch.equal(row, original) for original in frozen_before) for row in compacted)
+
+
+def test_a_streamed_reward_split_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="without a length .*streaming=False"):
+        RLPruneCallback(prune_config(), reward_dataset=(example for example in tiny_data()[1]))
 
 
 def test_impossible_budget_fails_before_training(tmp_path):

@@ -120,7 +120,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, factor in multipliers.items():
         tensors[name].mul_(factor)
-        if name in params:
+        if name in params and params[name].requires_grad:  # a frozen parameter gets no gradient to cut
             # the factor follows the gradient: the model may be moved or cast after masking (e.g. by the Trainer)
             handles.append(params[name].register_hook(lambda grad, factor=factor: grad * factor.to(grad.device, grad.dtype)))
     setattr(model, _MASKS_ATTR, {name: mask.bool().cpu().clone() for name, mask in masks.items()})

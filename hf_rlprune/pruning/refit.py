@@ -135,6 +135,12 @@ def _calibration_batch(model: nn.Module, batches: list[dict]) -> dict[str, torch
         if key == "labels":
             continue
         values = [batch[key] for batch in batches]
+        if isinstance(values[0], list):  # per-example extras a collator may add (ids, say), which the model ignores
+            merged[key] = [item for value in values for item in value]
+            continue
+        if not torch.is_tensor(values[0]) or values[0].dim() == 0:  # per-batch settings (a flag, a scale): the first's
+            merged[key] = values[0]
+            continue
         length = max(value.shape[1] for value in values) if values[0].dim() == 2 else None
         if length is not None and any(value.shape[1] != length for value in values):
             fill = (pad_token_id or 0) if key == "input_ids" else 0
