@@ -170,6 +170,7 @@ class RLPruneCallback(TrainerCallback):
         self._train_dataset = None
         self._train_collator = None
         self._batch_size = 8
+        self._resumed = None  # (model, step, checkpoint) of the last resume
 
     def _reset_run_state(self) -> None:
         """What one pruning run accumulates: rounds, agent, scores, report."""
@@ -194,6 +195,11 @@ class RLPruneCallback(TrainerCallback):
                 f"RLPruneCallback rewards classification accuracy on the reward split, but this model has num_labels = "
                 f"{model.config.num_labels} (a regression head). Prune a classifier (num_labels >= 2)."
             )
+        if args.push_to_hub and self.config.pruned_hub_model_id and self.config.pruned_hub_model_id == args.hub_model_id:
+            raise ValueError(
+                f"pruned_hub_model_id = hub_model_id = {args.hub_model_id!r}: the pruned folder's push replaces that repo's "
+                "files, which would delete the Trainer's pushed checkpoints there. Give the pruned model a repo of its own."
+            )
         if state.global_step == 0 and self.dense_config is not None and model is not self.pruned_model:
             # a new run (another model, the Trainer's model_init, or auto_find_batch_size's retry after running out of
             # memory, which keeps the model) through the same callback: prune it afresh, from no masks
@@ -213,8 +219,9 @@ class RLPruneCallback(TrainerCallback):
         self._train_dataset = train_dataloader.dataset
         self._train_collator = train_dataloader.collate_fn
         # the per-device batch size the Trainer trains with: auto_find_batch_size lowers it below the argument's on a retry
-        trained = state.train_batch_size // max(1, args.n_gpu) if state.train_batch_size else None
-        self._batch_size = trained or args.per_device_train_batch_size
+        # (and then resumes with the checkpoint's), which the Trainer records in state.train_batch_size
+        lowered = args.auto_find_batch_size and state.train_batch_size
+        self._batch_size = state.train_batch_size // max(1, args.n_gpu) if lowered else args.per_device_train_batch_size
         reward_dataset, collator = self._reward_data(model, args, self.data_collator or train_dataloader.collate_fn)
         reward_loader = DataLoader(reward_dataset, batch_size=cfg.reward_batch_size, shuffle=False, collate_fn=collator)
         autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
@@ -229,44 +236,49 @@ class RLPruneCallback(TrainerCallback):
                 "Pass a map-style dataset (e.g. load_dataset(..., streaming=False)), or set refit=False, recovery_steps=0 "
                 "and bn_recalibration_batches=0."
             )
-        if cfg.save_on_train_end or args.save_strategy != "no":  # a search's unnamed trial folder: refused now
-            self._run_dir(args, state)
+        if args.save_strategy != "no" or (cfg.save_on_train_end and not cfg.save_dir):  # needs the run's folder: an
+            self._run_dir(args, state)  # unnamed hyperparameter-search trial's is refused now
         if cfg.save_on_train_end and state.is_world_process_zero:
             check_save_dir(self._save_dir(args, state), output_dir=args.output_dir)  # refused now, not after training
         if cfg.method == "ppo" and self.agent is None:
             ppo = PPOConfig(learning_rate=cfg.ppo_learning_rate, episodes_per_update=cfg.ppo_episodes_per_update)
             self.agent = PPOAgent(len(OBSERVATION_FEATURES), cfg.min_keep, 1.0, ppo, seed=cfg.prune_seed)
         if state.global_step > 0:
-            self._resume(*self._checkpoint_to_resume(args, state, model), model, optimizer)
+            self._resume(self._checkpoint_to_resume(args, state, model), model, optimizer)
         if cfg.uses_latency:
             self._build_latency_table(state)
         else:  # an impossible budget is an error now, not after warm-up training
             check_budget(model, cfg)
         self._handler = self._calling_handler()
 
-    def _checkpoint_to_resume(self, args, state, model) -> tuple[str, PruningState]:
-        """The checkpoint the Trainer resumed from, and its pruning state: TrainingArguments.resume_from_checkpoint when
-        set, else the step's checkpoint in the run's folder (TrainerCallback is not told the path given to
-        `trainer.train`). A state saved with other weights than the model's (another run's checkpoint of that step)
-        is not taken."""
-        candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
-        candidates.append(self._checkpoint_dir(args, state))
-        saved = [candidate for candidate in candidates if os.path.isfile(os.path.join(candidate, STATE_FILE))]
-        if not saved:
+    def _checkpoint_to_resume(self, args, state, model) -> str:
+        """The checkpoint the Trainer resumed from: TrainingArguments.resume_from_checkpoint when set, else the step's
+        checkpoint in the run's folder (TrainerCallback is not told the path given to `trainer.train`), which is taken
+        only if its state was saved with the weights the Trainer loaded: it may be another run's checkpoint of that
+        step. auto_find_batch_size's retry keeps the checkpoint taken by the attempt that ran out of memory: the
+        Trainer loaded its weights once, before that attempt trained them further."""
+        if self._resumed is not None and self._resumed[0] is model and self._resumed[1] == state.global_step:
+            return self._resumed[2]
+        named = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+        guessed = self._checkpoint_dir(args, state)
+        if named is not None and os.path.isfile(os.path.join(named, STATE_FILE)):
+            directory = named
+        elif os.path.isfile(os.path.join(guessed, STATE_FILE)):
+            if read_state(guessed).weights_sha1 not in (None, weights_digest(model)):  # None: written before the hash
+                raise ValueError(
+                    f"Resuming at step {state.global_step}: the pruning state in {guessed} was saved with other weights than "
+                    "the ones the Trainer resumed, so it belongs to another run. Pass the checkpoint you resume from as "
+                    "TrainingArguments(resume_from_checkpoint=...) too (the callback is not told the path given to train())."
+                )
+            directory = guessed
+        else:
+            candidates = [guessed] if named in (None, guessed) else [named, guessed]
             raise FileNotFoundError(
                 f"Resuming at step {state.global_step}, but none of {candidates} holds {STATE_FILE} (the pruning masks and "
                 "agent). Pass the checkpoint as TrainingArguments(resume_from_checkpoint=...) or keep it under output_dir."
             )
-        digest = weights_digest(model)
-        for candidate in saved:
-            pruning_state = read_state(candidate)
-            if pruning_state.weights_sha1 in (None, digest):  # None: written before the digest was recorded
-                return candidate, pruning_state
-        raise ValueError(
-            f"Resuming at step {state.global_step}: the pruning state in {saved} was saved with other weights than the "
-            "ones the Trainer resumed, so it belongs to another run. Pass the checkpoint you resume from as "
-            "TrainingArguments(resume_from_checkpoint=...) too (the callback is not told the path given to train())."
-        )
+        self._resumed = (model, state.global_step, directory)
+        return directory
 
     def _build_latency_table(self, state) -> None:
         """Measure (or load from cache) the dense model's latency table on the main process, which alone searches;
@@ -487,9 +499,12 @@ class RLPruneCallback(TrainerCallback):
         frame = sys._getframe(1)
         while frame is not None:
             caller = frame.f_locals.get("self")
-            if isinstance(caller, CallbackHandler) and any(callback is self for callback in caller.callbacks):
+            # type(): a lazy proxy's __class__ is not touched
+            if issubclass(type(caller), CallbackHandler) and any(callback is self for callback in caller.callbacks):
                 return caller
             frame = frame.f_back
+        logger.warning("RLPruneCallback.on_train_begin was not called by a Trainer's CallbackHandler: per-round metrics go "
+                       "to the log history only, not to report_to integrations.")
         return None
 
     # ---- end of training --------------------------------------------------------------------------------------
@@ -544,7 +559,8 @@ class RLPruneCallback(TrainerCallback):
         )
         write_state(directory, state, self.agent)
 
-    def _resume(self, directory: str, state: PruningState, model, optimizer) -> None:
+    def _resume(self, directory: str, model, optimizer) -> None:
+        state = read_state(directory)
         if state.dense_config.get("model_type") != model.config.model_type:
             raise ValueError(f"{directory} holds pruning state for a {state.dense_config.get('model_type')} model, not "
                              f"{model.config.model_type}.")

@@ -139,10 +139,12 @@ def render_model_card(report: dict, repo_id: str = "your-org/your-pruned-model",
     plot_markdown = f"![accuracy versus MACs]({plot_file})" if plot_file else "(no plot saved with this card)"
     rounds, planned = report.get("rounds") or [], report["num_rounds"]
     finished_early = len(rounds) < planned  # training stopped before the last round: the budget met is the last round's
-    if finished_early:
+    if planned == 1:
+        rounds_text = "no round (training ended before it)" if finished_early else "one round"
+    elif finished_early:
         rounds_text = f"{len(rounds)} of {planned} planned rounds on a cubic budget schedule (training ended before the rest)"
     else:
-        rounds_text = f"{planned} rounds on a cubic budget schedule" if planned > 1 else "one round"
+        rounds_text = f"{planned} rounds on a cubic budget schedule"
     target = (rounds[-1]["target"] if rounds else 1.0) if finished_early else report["target"]  # no round: still dense
     cost_note = report.get("cost_note", "")
     latency_where = _latency_where(report)

@@ -97,6 +97,8 @@ class CandidateRepair:
     recovery_lr: float = 1e-3
 
     def __post_init__(self):
+        for name in ("refit_batches", "bn_recalibration_batches", "recovery_steps"):  # counts that slice batch lists
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.recovery_steps < 0:
             raise ValueError(f"recovery_steps = {self.recovery_steps} must be >= 0.")
         if self.refit_ridge is not None and (self.refit_ridge < 0 or self.refit_batches < 1):

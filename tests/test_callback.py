@@ -152,6 +152,10 @@ def test_card_of_a_run_stopped_before_its_last_round(tmp_path, caplog):
     assert callback.rounds_done == 0 and "before the first pruning round" in caplog.text
     card = (tmp_path / "none" / "pruned" / "README.md").read_text()
     assert "budget of **100% of the dense model's" in card and "0 of 2 planned rounds" in card
+    # one planned round has no schedule to speak of
+    train(tmp_path / "single", prune_config(num_rounds=1, start_fraction=0.2, end_fraction=0.2), trailing_callbacks=[StopAtStep(2)])
+    card = (tmp_path / "single" / "pruned" / "README.md").read_text()
+    assert "importance, no round (training ended before it),\n" in card and "schedule" not in card
 
 
 def test_one_callback_prunes_each_new_run_afresh(tmp_path):
@@ -214,6 +218,14 @@ def test_auto_find_batch_size_retry_starts_the_pruning_afresh(tmp_path):
     assert callback._batch_size == trainer._train_batch_size < 16
     assert len(callback.history) == 2 and callback.reward_evaluations == 8  # the retry's two rounds, not three
     assert compute_macs(trainer.model.config) <= 0.3 * compute_macs(RLPruneCNNConfig(**TINY_CNN))
+    # resumed, then out of memory: the Trainer loaded the checkpoint's weights once, before the attempt that trained
+    # them further, so the retry takes the same checkpoint's state without matching its weights again
+    train(tmp_path / "saved", prune_config(save_on_train_end=False), save_strategy="steps", save_steps=8)
+    oom = OutOfMemoryOnce(step=10)  # between round 1 (step 4, before the checkpoint) and round 2 (step 12)
+    trainer, callback = train(tmp_path / "saved", prune_config(save_on_train_end=False), extra_callbacks=[oom],
+                              resume=str(tmp_path / "saved" / "checkpoint-8"), resume_in_args=False, save_strategy="steps",
+                              save_steps=8, auto_find_batch_size=True)
+    assert oom.fired and [record["step"] for record in callback.history] == [4, 12] and callback.reward_evaluations == 8
 
 
 def test_hyperparameter_search_trials_keep_their_own_pruning_state_and_model(tmp_path):
@@ -427,6 +439,10 @@ def test_bad_input(tmp_path):
     regression = RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN, num_labels=1))
     with pytest.raises(ValueError, match="num_labels = 1 \\(a regression head\\)"):
         callback.on_train_begin(None, None, None, model=regression)
+    same_repo = RLPruneCallback(prune_config(pruned_hub_model_id="org/model"), reward_dataset=reward)
+    args = TrainingArguments(str(tmp_path), push_to_hub=True, hub_model_id="org/model", report_to=[])
+    with pytest.raises(ValueError, match="would delete the Trainer's pushed checkpoints there"):
+        same_repo.on_train_begin(args, None, None, model=RLPruneCNNForImageClassification(RLPruneCNNConfig(**TINY_CNN)))
     with pytest.raises(FileNotFoundError, match="not written by RLPruneCallback"):
         read_state(str(tmp_path))
     (tmp_path / STATE_FILE).write_bytes(b"\x00garbage")
@@ -442,15 +458,16 @@ def test_pruning_state_round_trips_through_its_file(tmp_path):
 
     state = PruningState(dense_config=json.loads(RLPruneCNNConfig(**TINY_CNN).to_json_string()), rounds_done=2, history=[{"round": 1, "widths": {"a": 3}}],
                          search_seconds=1.25, reward_evaluations=8, masks={"conv_blocks.0": torch.tensor([True, False, True])},
-                         taylor_scores={"conv_blocks.0": torch.tensor([0.5, 0.0, 2.0])}, taylor_steps=7)
+                         taylor_scores={"conv_blocks.0": torch.tensor([0.5, 0.0, 2.0])}, taylor_steps=7, weights_sha1="ab12")
     write_state(str(tmp_path), state)
     loaded = read_state(str(tmp_path))
     assert loaded.masks["conv_blocks.0"].dtype == torch.bool and torch.equal(loaded.masks["conv_blocks.0"], state.masks["conv_blocks.0"])
     assert torch.equal(loaded.taylor_scores["conv_blocks.0"], state.taylor_scores["conv_blocks.0"])
-    assert (loaded.dense_config, loaded.rounds_done, loaded.history, loaded.search_seconds, loaded.reward_evaluations, loaded.taylor_steps) == (
-        state.dense_config, 2, state.history, 1.25, 8, 7)
+    assert (loaded.dense_config, loaded.rounds_done, loaded.history, loaded.search_seconds, loaded.reward_evaluations, loaded.taylor_steps,
+            loaded.weights_sha1) == (state.dense_config, 2, state.history, 1.25, 8, 7, "ab12")
     write_state(str(tmp_path), PruningState(dense_config={}))  # before the first round: no tensors at all
-    assert read_state(str(tmp_path)).masks == {} and not (tmp_path / "rlprune_agent.safetensors").exists()
+    assert read_state(str(tmp_path)).masks == {} and read_state(str(tmp_path)).weights_sha1 is None
+    assert not (tmp_path / "rlprune_agent.safetensors").exists()
 
 
 DDP_SCRIPT = textwrap.dedent(
