@@ -31,9 +31,9 @@ from transformers import HfArgumentParser
 from benchmark import BenchmarkArguments, setup_task, spearman  # scripts/ is on sys.path when run as a script
 from hf_rlprune import RLPruneConfig
 from hf_rlprune.atomic import write_text_atomic
+from hf_rlprune.device_data import DeviceBatchCollator, IndexDataset
 from hf_rlprune.pruning import widths_from_keep_ratios
 from hf_rlprune.reward import CandidateRepair, RewardEvaluator, take_batches
-from hf_rlprune.tasks import DeviceBatchCollator, IndexDataset
 
 logger = logging.getLogger("hf_rlprune.bench_fidelity")
 

@@ -34,23 +34,22 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.atomic import atomic_directory, write_text_atomic
 from hf_rlprune.card import check_save_dir, plot_accuracy_vs_macs, render_model_card, update_trade_off
+from hf_rlprune.device_data import DeviceBatchCollator, IndexDataset, task_tensors, tensor_accuracy
+from hf_rlprune.pretraining import (
+    PLAN_LEARNING_RATE,
+    KeepBestEpoch,
+    plan_optimizer,
+    plan_then_finetune_optimizer,
+    train_on_tensors,
+)
 from hf_rlprune.pruning import compare_latency, compute_macs, config_with_widths, count_parameters, latency_hardware
 from hf_rlprune.tasks import (
-    PLAN_LEARNING_RATE,
     PRETRAIN_PATIENCE,
-    DeviceBatchCollator,
-    IndexDataset,
-    KeepBestEpoch,
     build_model,
     load_checkpoint_tokenizer,
     load_model,
-    plan_optimizer,
-    plan_then_finetune_optimizer,
     prepare_task,
     resolve_max_length,
-    task_tensors,
-    tensor_accuracy,
-    train_on_tensors,
 )
 
 logger = logging.getLogger("hf_rlprune.benchmark")

@@ -26,21 +26,18 @@ from hf_rlprune import DistillationTrainer, RLPruneCallback, RLPruneConfig
 from hf_rlprune.callback import build_latency_table
 from hf_rlprune.callback import check_budget as check_config_budget
 from hf_rlprune.card import check_save_dir, push_pruned_folder, save_pruned_model, update_trade_off
+from hf_rlprune.pretraining import PLAN_LEARNING_RATE, PLAN_LR_DECAY, plan_optimizer, pretrain
 from hf_rlprune.pruning import compare_latency, export_onnx, latency_hardware
 from hf_rlprune.tasks import (
     CNN_PRESETS,
     MODEL_TYPES,
-    PLAN_LEARNING_RATE,
-    PLAN_LR_DECAY,
     PRETRAIN_PATIENCE,
     accuracy_metric,
     build_model,
     evaluate_accuracy,
     load_checkpoint_tokenizer,
     load_model,
-    plan_optimizer,
     prepare_task,
-    pretrain,
     resolve_max_length,
 )
 

@@ -12,9 +12,9 @@ import torch
 
 from hf_rlprune import RLPruneCallback, RLPruneCNNConfig, RLPruneCNNForImageClassification, RLPruneConfig
 from hf_rlprune.data import make_synthetic_cifar, normalize_images
+from hf_rlprune.device_data import DeviceBatchCollator
 from hf_rlprune.pruning import apply_masks, masks_from_widths, widths_from_keep_ratios
 from hf_rlprune.reward import batched_accuracy
-from hf_rlprune.tasks import DeviceBatchCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,20 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_rlprune import tasks
-from hf_rlprune.tasks import (
-    KeepBestEpoch,
-    DEFAULT_MAX_LENGTH,
-    build_model,
-    checkpoint_config,
-    plan_then_finetune_optimizer,
-    prepare_task,
-    pretrain,
-    resolve_max_length,
-    task_tensors,
-    tensor_accuracy,
-    train_on_tensors,
-)
+from hf_rlprune import pretraining
+from hf_rlprune.device_data import task_tensors, tensor_accuracy
+from hf_rlprune.pretraining import KeepBestEpoch, plan_then_finetune_optimizer, pretrain, train_on_tensors
+from hf_rlprune.tasks import DEFAULT_MAX_LENGTH, build_model, checkpoint_config, prepare_task, resolve_max_length
 
 
 def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_path):
@@ -58,7 +48,7 @@ def test_pretraining_with_patience_keeps_the_best_epoch_on_the_reward_split(tmp_
         snapshots.append({name: value.detach().clone() for name, value in evaluated.state_dict().items()})
         return next(accuracies)
 
-    monkeypatch.setattr(tasks, "evaluate_accuracy", scripted_accuracy)
+    monkeypatch.setattr(pretraining, "evaluate_accuracy", scripted_accuracy)
     pretrain(model, data, str(tmp_path / "dense"), epochs=6, batch_size=64, use_cpu=True, patience=2)
     assert len(snapshots) == 4  # stopped after epoch 4
     assert not all(torch.equal(snapshots[1][name], snapshots[3][name]) for name in snapshots[1])  # training went on
