@@ -105,8 +105,14 @@ class PruningEnv(gym.Env):
         smallest = self.cost(self.min_widths)
         if smallest > self.budget * (1 + 1e-9):
             floor = self.cost([1] * len(self.groups))  # what no min_keep gets under: unpruned layers, a runtime's fixed cost
-            fix = (f"Raise the target: even one unit per group costs {floor / self.dense_cost:.3f} x dense."
-                   if floor > self.budget * (1 + 1e-9) else "Raise the target or lower min_keep.")
+            unsnapped = [min(max(1, math.ceil(min_keep * w)), m) for w, m in zip(self.dense_widths, self.max_widths)]
+            if floor > self.budget * (1 + 1e-9):
+                fix = f"Raise the target: even one unit per group costs {floor / self.dense_cost:.3f} x dense."
+            elif self.width_multiple > 1 and self.cost(unsnapped) <= self.budget * (1 + 1e-9):
+                fix = (f"width_multiple={self.width_multiple} rounds each group's minimum up to {self.width_multiple} units: "
+                       "lower width_multiple (1: any width) or raise the target.")
+            else:
+                fix = "Raise the target or lower min_keep."
             raise ValueError(
                 f"The budget of {self.target:.3f} x dense {budget_kind} cannot be met: keeping only min_keep={min_keep} "
                 f"of every group still costs {smallest / self.dense_cost:.3f} x dense. {fix}"
@@ -146,8 +152,8 @@ class PruningEnv(gym.Env):
 
     def _snap(self, width: int, index: int, up: bool = False) -> int:
         multiple = self.width_multiple
-        if multiple == 1 or self.dense_widths[index] <= multiple:
-            return width
+        if multiple == 1 or self.dense_widths[index] <= multiple or width >= self.dense_widths[index]:
+            return min(width, self.dense_widths[index])  # the full width is kept whole, a multiple or not
         snapped = (math.ceil(width / multiple) if up else width // multiple) * multiple
         return int(min(max(snapped, multiple), self.dense_widths[index]))
 

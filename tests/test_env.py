@@ -120,6 +120,12 @@ def test_impossible_budget_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Raise the target: even one unit per group costs 0\.9\d\d x dense\.$"):
         PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=0.5, budget_kind="latency",
                    latency_fn=lambda widths: 10.0 + 0.001 * sum(widths.values()))
+    # the minimum is one multiple of width_multiple per group: it is that which cannot fit, not min_keep
+    small = RLPruneCNNConfig(num_channels=1, image_size=7, padding="valid", kernel_size=1, conv_channels=[6, 5], pool_after=[0, 1],
+                             use_batch_norm=True, hidden_sizes=[], num_labels=2)
+    with pytest.raises(ValueError, match="width_multiple=4 rounds each group's minimum up to 4 units: lower width_multiple"):
+        PruningEnv(small, constant_accuracy, target=0.3, budget_kind="params", width_multiple=4)
+    PruningEnv(small, constant_accuracy, target=0.3, budget_kind="params", width_multiple=1)  # as the message says
     with pytest.raises(ValueError, match="target"):
         PruningEnv(RLPruneCNNConfig(), constant_accuracy, target=1.5)
     with pytest.raises(ValueError, match="budget_kind"):
@@ -153,6 +159,14 @@ def test_fill_tops_up_snapped_widths_until_no_multiple_fits():
             if widths[idx] < group.width:
                 grown = dict(info["widths"], **{group.name: min(widths[idx] + 8, group.width)})
                 assert compute_macs(config, widths=grown) > 0.5 * compute_macs(config), (actions, group.name, widths)
+
+
+def test_keeping_a_whole_group_is_not_snapped_down_to_a_multiple():
+    # widths 10/20/30 are no multiples of 8: keep ratio 1.0 keeps them whole, with or without the fill
+    config = RLPruneCNNConfig(image_size=8, conv_channels=[10, 20], hidden_sizes=[30])
+    for fill in (False, True):
+        _, info = run_episode(PruningEnv(config, constant_accuracy, target=1.0, width_multiple=8, fill_budget=fill), [1.0, 1.0, 1.0])
+        assert list(info["widths"].values()) == [10, 20, 30], fill
 
 
 def test_budget_wall_never_snaps_below_min_keep_or_under_a_cap_that_fits():

@@ -407,3 +407,12 @@ def test_a_model_loaded_through_remote_code_first_is_named_with_the_fix(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     messages = result.stdout.strip().splitlines()
     assert len(messages) == 3 and all("Import hf_rlprune before loading the model" in message for message in messages)
+
+
+def test_example_inputs_of_a_one_word_vocabulary():
+    # the inputs that latency measurement and ONNX export run on: ids avoid the pad id 0 where the vocabulary allows
+    from hf_rlprune.pruning.latency import example_inputs
+
+    for vocab_size in (1, 2):
+        ids = example_inputs(RLPruneLSTMConfig(vocab_size=vocab_size, max_seq_length=5), batch_size=3)["input_ids"]  # (B, T)
+        assert ids.shape == (3, 5) and int(ids.max()) == vocab_size - 1 and int(ids.min()) == min(1, vocab_size - 1)

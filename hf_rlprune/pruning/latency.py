@@ -44,7 +44,7 @@ def example_inputs(model_or_config, batch_size: int, seq_len: int | None = None,
     if isinstance(config, RLPruneLSTMConfig):
         seq_len = config.max_seq_length if seq_len is None else seq_len
         # ids >= 1 so no position counts as padding
-        input_ids = torch.randint(1, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)  # (B, T)
+        input_ids = torch.randint(min(1, config.vocab_size - 1), config.vocab_size, (batch_size, seq_len), generator=generator).to(device)  # (B, T)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     raise unsupported(config, "make example inputs for")
 

@@ -219,7 +219,7 @@ def _lstm_specs(config: RLPruneLSTMConfig, seq_len: int) -> list[_LayerSpec]:
 
         def build(d_in, hidden, batch, first=idx == 0):
             if first:  # token ids in: the embedding lookup's cost grows with the embedding width
-                ids = torch.randint(1, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+                ids = torch.randint(min(1, config.vocab_size - 1), config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
                 return _LSTMOutput(d_in, hidden, config.vocab_size), {"inputs": ids}
             return _LSTMOutput(d_in, hidden, None), _randn(batch, seq_len, d_in)
 
