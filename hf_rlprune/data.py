@@ -15,6 +15,7 @@ features and learnable structure; the tests and the ``--smoke`` run use them ins
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 from .atomic import atomic_write
+
+logger = logging.getLogger(__name__)
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMDB_LABELS = ("neg", "pos")
@@ -156,7 +159,15 @@ def _load_path_or_hub_id(spec: TaskSpec, source: str, load_kwargs: dict) -> Data
             f"{{'train': 'train.parquet', 'test': 'test.parquet'}} of parquet files."
         )
     if os.path.isdir(local):
-        return load_dataset(local, **load_kwargs)
+        if os.path.isfile(os.path.join(local, "dataset_dict.json")):  # a DatasetDict.save_to_disk folder
+            return load_from_disk(local)
+        try:
+            return load_dataset(local, **load_kwargs)
+        except ValueError as err:  # e.g. a split of no rows: "Instruction 'test' corresponds to no data!"
+            raise ValueError(
+                f"Could not load the folder {source!r} as {spec.name} data ({err}). It must hold non-empty train and test "
+                "splits: the Hub parquet layout (train-*.parquet, test-*.parquet) or a DatasetDict.save_to_disk folder."
+            ) from err
     # "org/name" is a Hub id, but "./x", "../x", "/x", "~/x" can only be meant as local folders.
     if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
         raise FileNotFoundError(f"Local dataset folder {source!r} does not exist (relative paths start at {os.getcwd()}).")
@@ -213,15 +224,34 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
             f"0..{spec.num_labels - 1}. Fix: dataset.cast_column({spec.label_column!r}, "
             f"datasets.ClassLabel(names={list(spec.label_names)})) after mapping names to ids."
         )
-    if len(dataset) > 0:
-        # Arrow format honours select()/filter() indices, and reads the ints without decoding anything.
-        low_high = pc.min_max(dataset.with_format("arrow")[spec.label_column])
-        low, high = low_high["min"].as_py(), low_high["max"].as_py()
-        if low is None or low < 0 or high >= spec.num_labels:
+    if len(dataset) == 0:
+        raise ValueError(f"The {task} {split!r} split has no rows; give it labelled examples.")
+    if isinstance(label_feature, ClassLabel) and list(label_feature.names) != list(spec.label_names):
+        # the names say what each id means: the same classes in another order are renumbered; other classes refused
+        if sorted(name.lower() for name in label_feature.names) != sorted(name.lower() for name in spec.label_names):
             raise ValueError(
-                f"Labels of the {task} {split!r} split range over [{low}, {high}] but must lie in [0, {spec.num_labels - 1}] "
-                f"({list(spec.label_names)}). Unlabelled rows (label -1, e.g. IMDB's 'unsupervised' split) must be filtered out."
+                f"The {task} {split!r} split's {spec.label_column!r} column names the classes {list(label_feature.names)}, "
+                f"but the {task} task's model predicts {list(spec.label_names)}. Pass {task} data, or relabel yours to "
+                "those classes."
             )
+        logger.info("The %s %r split numbers its classes %s; renumbered as %s.", task, split, label_feature.names, spec.label_names)
+        dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(spec.label_names)}, spec.label_column)
+    arrow = dataset.with_format("arrow")  # honours select()/filter() indices, and reads columns without decoding anything
+    checked = [(spec.label_column, "label")] + ([(spec.input_column, "review")] if spec.modality == "text" else [])
+    for column, what in checked:  # (an image column is not read here: that would copy every image's bytes)
+        missing = arrow[column].null_count
+        if missing:
+            raise ValueError(
+                f"{missing} row(s) of the {task} {split!r} split have no {what} (null in column {column!r}; an empty "
+                f"field of a CSV file reads as null). Drop them first, e.g. dataset.filter(lambda row: row[{column!r}] is not None)."
+            )
+    low_high = pc.min_max(arrow[spec.label_column])
+    low, high = low_high["min"].as_py(), low_high["max"].as_py()
+    if low is None or low < 0 or high >= spec.num_labels:
+        raise ValueError(
+            f"Labels of the {task} {split!r} split range over [{low}, {high}] but must lie in [0, {spec.num_labels - 1}] "
+            f"({list(spec.label_names)}). Unlabelled rows (label -1, e.g. IMDB's 'unsupervised' split) must be filtered out."
+        )
     return dataset
 
 

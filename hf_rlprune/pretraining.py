@@ -100,6 +100,9 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
     (IMDB: as many epochs as the reward split says help)."""
     from transformers import Trainer, TrainingArguments
 
+    if len(task_data.train) < batch_size:  # the last partial batch is dropped: no batch at all would be left
+        raise ValueError(f"{len(task_data.train)} training rows are fewer than the pre-training batch size {batch_size}; "
+                         "lower it (scripts/prune.py: --pretrain_batch_size) or give more training data.")
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,

@@ -83,6 +83,22 @@ def prepare_task(task: str, dataset=None, reward_size=0.1, seed=0, smoke=False, 
     return TaskData(task, encode(train_raw), encode(reward_raw), encode(test_raw), collator, collator, tokenizer)
 
 
+def check_images_fit(task_data: TaskData, model) -> None:
+    """The CNN takes images of its config's size and channels: data of another size is refused before any training,
+    not at the first forward (or, for a test split of its own size, after the whole pre-training)."""
+    if not isinstance(model.config, RLPruneCNNConfig):
+        return
+    expected = (model.config.num_channels, model.config.image_size, model.config.image_size)
+    for split, dataset in (("train", task_data.train), ("reward", task_data.reward), ("test", task_data.test)):
+        if isinstance(dataset, CachedImageDataset) and tuple(dataset.images.shape[1:]) != expected:
+            channels, height, width = dataset.images.shape[1:]
+            raise ValueError(
+                f"The {split} split's images are {height}x{width} with {channels} channels, but the model takes "
+                f"{expected[1]}x{expected[2]} with {expected[0]} (its config's image_size and num_channels). Resize the "
+                "images to that size first, or prune a CNN built for theirs."
+            )
+
+
 def build_model(task: str, preset: str = "reference", task_data: TaskData | None = None, max_length: int = 256,
                 lstm_pooling: str = "last", lstm_dropout: float = 0.0, lstm_embedding_dropout: float = 0.0):
     """A freshly initialized reference model for `task`. For the IMDB LSTM: `lstm_pooling` is what its dense layers

@@ -34,6 +34,7 @@ from hf_rlprune.tasks import (
     PRETRAIN_PATIENCE,
     accuracy_metric,
     build_model,
+    check_images_fit,
     evaluate_accuracy,
     load_checkpoint_tokenizer,
     load_model,
@@ -173,6 +174,8 @@ def pruned_save_dir(prune: RLPruneConfig, training: TrainingArguments) -> str:
 def validate(script: ScriptArguments, prune: RLPruneConfig, training: TrainingArguments):
     """Fail before any data loading or training on the rules that join the three argument groups (each group's own
     rules are checked when it is built)."""
+    if os.path.exists(training.output_dir) and not os.path.isdir(training.output_dir):
+        raise ValueError(f"--output_dir {training.output_dir} is a file; give a folder (new, or one of an earlier run).")
     if training.push_to_hub and not (training.hub_model_id or prune.pruned_hub_model_id):
         raise ValueError("--push_to_hub needs --hub_model_id <org>/<name> naming the Hub repository to push the pruned model to.")
     if not prune.save_on_train_end:
@@ -240,13 +243,14 @@ def main(argv=None):
         model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling,
                             lstm_dropout=script.lstm_dropout, lstm_embedding_dropout=script.lstm_embedding_dropout)
         check_budget(model, prune, training)
-        if not script.prune_while_pretraining:
-            logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
-            patience = script.pretrain_patience if script.pretrain_patience is not None else PRETRAIN_PATIENCE.get(script.task)
-            pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
-                     learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
-                     batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16,
-                     patience=patience)
+    check_images_fit(task_data, model)  # before any training
+    if script.model_name_or_path is None and not script.prune_while_pretraining:
+        logger.info("Pre-training the dense model for %s epochs", script.pretrain_epochs)
+        patience = script.pretrain_patience if script.pretrain_patience is not None else PRETRAIN_PATIENCE.get(script.task)
+        pretrain(model, task_data, os.path.join(training.output_dir, "dense"), script.pretrain_epochs,
+                 learning_rate=script.pretrain_learning_rate, lr_decay=script.pretrain_lr_decay,
+                 batch_size=script.pretrain_batch_size, seed=training.seed, use_cpu=training.use_cpu, bf16=training.bf16,
+                 patience=patience)
 
     device = training.device
     model.to(device)  # before the optimizer below is built on its parameters

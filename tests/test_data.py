@@ -144,6 +144,37 @@ def test_unlabelled_rows_rejected_but_filtered_rows_accepted(synthetic_imdb):
     assert len(load_task_dataset("imdb", DatasetDict({"train": filtered, "test": synthetic_imdb["test"]}))["train"]) == 2
 
 
+def test_rows_without_a_label_or_review_and_empty_splits_are_refused(synthetic_imdb, tmp_path):
+    # a null label became NaN (IMDB: a model of NaN weights, saved) or an out-of-range id (CIFAR-10); a null review failed
+    # deep in the tokenizer; an empty split failed inside datasets without naming the folder
+    test = synthetic_imdb["test"]
+    for column, values in (("label", [0, None, 1]), ("text", ["good", None, "bad"])):
+        rows = {"text": ["good", "meh", "bad"], "label": [0, 1, 1], column: values}
+        with pytest.raises(ValueError, match=rf"1 row\(s\) of the imdb 'train' split have no .*null in column '{column}'"):
+            load_task_dataset("imdb", DatasetDict({"train": Dataset.from_dict(rows), "test": test}))
+    with pytest.raises(ValueError, match="The imdb 'test' split has no rows"):
+        load_task_dataset("imdb", DatasetDict({"train": synthetic_imdb["train"], "test": test.select([])}))
+    folder = tmp_path / "empty_test"
+    folder.mkdir()
+    synthetic_imdb["train"].to_csv(folder / "train.csv")
+    test.select([]).to_csv(folder / "test.csv")
+    with pytest.raises(ValueError, match="Could not load the folder .* non-empty train and test splits"):
+        load_task_dataset("imdb", str(folder), cache_dir=str(tmp_path / "cache"))
+    synthetic_imdb.save_to_disk(str(tmp_path / "saved"))  # a save_to_disk folder loads as what it is
+    assert load_task_dataset("imdb", str(tmp_path / "saved"))["test"]["text"] == test["text"]
+
+
+def test_class_names_decide_what_an_id_means(synthetic_imdb):
+    # ids numbered by another order of the same classes are renumbered; other classes are not this task's data
+    swapped = synthetic_imdb["train"].cast_column("label", ClassLabel(names=["pos", "neg"]))  # same ids, names swapped
+    loaded = load_task_dataset("imdb", DatasetDict({"train": swapped, "test": synthetic_imdb["test"]}))["train"]
+    assert loaded.features["label"].names == ["neg", "pos"]
+    assert loaded["label"] == [1 - label for label in synthetic_imdb["train"]["label"]]  # "pos" was 0, is now 1
+    other = synthetic_imdb["train"].cast_column("label", ClassLabel(names=["cat", "dog"]))
+    with pytest.raises(ValueError, match=r"names the classes \['cat', 'dog'\], but the imdb task's model predicts \['neg', 'pos'\]"):
+        load_task_dataset("imdb", DatasetDict({"train": other, "test": synthetic_imdb["test"]}))
+
+
 def test_missing_local_folder_and_offline_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_task_dataset("cifar10", "../no/such/folder")

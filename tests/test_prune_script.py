@@ -222,6 +222,15 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, error, message):
     assert not (tmp_path / "dense").exists()
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_loading_data(tmp_path, monkeypatch):
+    prune = load_prune_script()
+    monkeypatch.setattr(prune, "prepare_task", lambda *args, **kwargs: pytest.fail("data loaded"))
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match="--output_dir .*afile is a file"):
+        prune.main(["--smoke", "--output_dir", str(tmp_path / "afile")])
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 @pytest.fixture(scope="module")
 def latency_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("latency")  # one table for the tests below: measured once, then loaded

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_rlprune import pretraining
+from hf_rlprune import RLPruneCNNConfig, RLPruneCNNForImageClassification, pretraining
 from hf_rlprune.device_data import task_tensors, tensor_accuracy
 from hf_rlprune.pretraining import KeepBestEpoch, plan_then_finetune_optimizer, pretrain, train_on_tensors
-from hf_rlprune.tasks import DEFAULT_MAX_LENGTH, build_model, checkpoint_config, prepare_task, resolve_max_length
+from hf_rlprune.tasks import DEFAULT_MAX_LENGTH, build_model, check_images_fit, checkpoint_config, prepare_task, resolve_max_length
 
 
 def test_keep_best_epoch_restores_the_best_weights_and_stops_after_patience(tmp_path):
@@ -99,3 +99,15 @@ def test_max_length_defaults_to_the_checkpoints_own(tmp_path, caplog):
     assert "max_length 128 differs from the 64 tokens" in caplog.text
     with pytest.raises(FileNotFoundError, match="No checkpoint folder './missing/dense'"):
         checkpoint_config("./missing/dense")
+
+
+def test_data_that_cannot_train_the_model_is_refused_before_training(tmp_path):
+    # images of another size than the CNN's, and fewer training rows than one pre-training batch (the last partial batch
+    # is dropped): each refused with the fix, not at the first step or after the whole pre-training
+    task_data = prepare_task("cifar10", smoke=True, max_train_samples=100)
+    check_images_fit(task_data, build_model("cifar10", "small"))  # 32x32, as the synthetic data
+    with pytest.raises(ValueError, match="The train split's images are 32x32 with 3 channels, but the model takes 16x16 with 3"):
+        check_images_fit(task_data, RLPruneCNNForImageClassification(RLPruneCNNConfig(image_size=16, conv_channels=[4], hidden_sizes=[8])))
+    with pytest.raises(ValueError, match="90 training rows are fewer than the pre-training batch size 128; lower it"):
+        pretrain(build_model("cifar10", "small"), task_data, str(tmp_path / "dense"), epochs=1, use_cpu=True)
+    assert not (tmp_path / "dense").exists()
