@@ -159,11 +159,11 @@ def _load_path_or_hub_id(spec: TaskSpec, source: str, load_kwargs: dict) -> Data
             f"{{'train': 'train.parquet', 'test': 'test.parquet'}} of parquet files."
         )
     if os.path.isdir(local):
-        if os.path.isfile(os.path.join(local, "dataset_dict.json")):  # a DatasetDict.save_to_disk folder
-            return load_from_disk(local)
+        saved_to_disk = os.path.isfile(os.path.join(local, "dataset_dict.json"))  # a DatasetDict.save_to_disk folder
         try:
-            return load_dataset(local, **load_kwargs)
-        except ValueError as err:  # e.g. a split of no rows: "Instruction 'test' corresponds to no data!"
+            return load_from_disk(local) if saved_to_disk else load_dataset(local, **load_kwargs)
+        except (ValueError, IndexError) as err:  # a split of no rows: "Instruction 'test' corresponds to no data!" from
+            # load_dataset, an IndexError from load_from_disk
             raise ValueError(
                 f"Could not load the folder {source!r} as {spec.name} data ({err}). It must hold non-empty train and test "
                 "splits: the Hub parquet layout (train-*.parquet, test-*.parquet) or a DatasetDict.save_to_disk folder."
@@ -175,7 +175,8 @@ def _load_path_or_hub_id(spec: TaskSpec, source: str, load_kwargs: dict) -> Data
         return load_dataset(source, **load_kwargs)
     except ConnectionError as err:
         raise ConnectionError(
-            f"Could not load {source!r} from the Hub ({err}). Without network access, pass a local copy in the Hub "
+            f"Could not load {source!r} from the Hub ({err}), and no local folder {source!r} exists under {os.getcwd()}. "
+            f"Without network access, pass a local copy in the Hub "
             f"parquet layout, e.g. load_task_dataset({spec.name!r}, '../shared/data/{spec.name}'), or a dict of parquet "
             f"files {{'train': ..., 'test': ...}}."
         ) from err

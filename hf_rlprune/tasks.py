@@ -123,6 +123,9 @@ def checkpoint_config(model_name_or_path: str, **kwargs):
     if looks_local and not os.path.isdir(path):
         raise FileNotFoundError(f"No checkpoint folder {model_name_or_path!r}. Pass the folder a model was saved to "
                                 "(save_pretrained, --save_dense_to, <output_dir>/pruned) or a Hub id such as org/name.")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{model_name_or_path!r} holds no config.json: it is not a saved model. Pass the folder a "
+                                "model was saved to (save_pretrained, --save_dense_to, <output_dir>/pruned).")
     return AutoConfig.from_pretrained(model_name_or_path, **kwargs)
 
 

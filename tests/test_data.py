@@ -160,6 +160,9 @@ def test_rows_without_a_label_or_review_and_empty_splits_are_refused(synthetic_i
     test.select([]).to_csv(folder / "test.csv")
     with pytest.raises(ValueError, match="Could not load the folder .* non-empty train and test splits"):
         load_task_dataset("imdb", str(folder), cache_dir=str(tmp_path / "cache"))
+    DatasetDict({"train": synthetic_imdb["train"], "test": test.select([])}).save_to_disk(str(tmp_path / "saved_empty"))
+    with pytest.raises(ValueError, match="Could not load the folder .*saved_empty"):
+        load_task_dataset("imdb", str(tmp_path / "saved_empty"))
     synthetic_imdb.save_to_disk(str(tmp_path / "saved"))  # a save_to_disk folder loads as what it is
     assert load_task_dataset("imdb", str(tmp_path / "saved"))["test"]["text"] == test["text"]
 
@@ -182,6 +185,8 @@ def test_missing_local_folder_and_offline_hub(tmp_path):
         pytest.skip("only checked offline; online this would download")
     with pytest.raises(ConnectionError, match=r"\.\./shared/data/cifar10"):
         load_task_dataset("cifar10")
+    with pytest.raises(ConnectionError, match=r"no local folder 'nope/data' exists under"):  # a mistyped relative folder
+        load_task_dataset("cifar10", "nope/data")
 
 
 def test_task_specs():

@@ -111,3 +111,10 @@ def test_data_that_cannot_train_the_model_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="90 training rows are fewer than the pre-training batch size 128; lower it"):
         pretrain(build_model("cifar10", "small"), task_data, str(tmp_path / "dense"), epochs=1, use_cpu=True)
     assert not (tmp_path / "dense").exists()
+
+
+def test_a_folder_that_is_no_saved_model_is_named_as_such(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match="holds no config.json: it is not a saved model"):
+        checkpoint_config(str(tmp_path / "notes"))
