@@ -105,14 +105,16 @@ def load_task_dataset(
             - None: the task's Hub id (`uoft-cs/cifar10`, `stanfordnlp/imdb`);
             - a Hub id such as "uoft-cs/cifar10";
             - a local dataset folder that `datasets.load_dataset` reads, e.g. the Hub parquet layout
-              `../shared/data/cifar10/{README.md, plain_text/train-00000-of-00001.parquet, ...}`;
+              `../shared/data/cifar10/{README.md, plain_text/train-00000-of-00001.parquet, ...}`, or a folder written by
+              `DatasetDict.save_to_disk`;
             - a dict of parquet files per split, e.g. {"train": "a/train.parquet", "test": ["t0.parquet", ...]};
             - a `DatasetDict` already in memory (only checked).
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `cache_dir`, `revision`, `num_proc`).
 
     Returns:
         A `DatasetDict` with exactly "train" and "test" (other splits such as IMDB's "unsupervised" are dropped). For
-        cifar10 an image column named `image` is renamed to `img`; nothing else is renamed.
+        cifar10 an image column named `image` is renamed to `img`; nothing else is renamed. Ids of a ClassLabel that
+        names the task's classes in another order are renumbered to the task's order.
     """
     spec = get_task_spec(task)
     source = spec.hub_id if dataset_name_or_path is None else dataset_name_or_path
@@ -175,8 +177,9 @@ def _load_path_or_hub_id(spec: TaskSpec, source: str, load_kwargs: dict) -> Data
         return load_dataset(source, **load_kwargs)
     except ConnectionError as err:
         raise ConnectionError(
-            f"Could not load {source!r} from the Hub ({err}), and no local folder {source!r} exists under {os.getcwd()}. "
-            f"Without network access, pass a local copy in the Hub "
+            f"Could not load {source!r} from the Hub ({err})"
+            + (f", and no local folder {source!r} exists under {os.getcwd()}" if source != spec.hub_id else "")
+            + f". Without network access, pass a local copy in the Hub "
             f"parquet layout, e.g. load_task_dataset({spec.name!r}, '../shared/data/{spec.name}'), or a dict of parquet "
             f"files {{'train': ..., 'test': ...}}."
         ) from err
@@ -185,9 +188,10 @@ def _load_path_or_hub_id(spec: TaskSpec, source: str, load_kwargs: dict) -> Data
 def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dataset:
     """Check that `dataset` has the task's input and label columns with usable types; rename a known alias.
 
-    Returns the dataset (renamed if an alias was used). Raises ValueError naming what is missing or wrong, the columns
-    found, and how to fix it. Label values are checked against the task's number of classes (one pass over the
-    label column, no decoding).
+    Returns the dataset (renamed if an alias was used; its ids renumbered to the task's order when its ClassLabel
+    names the task's classes in another order). Raises ValueError naming what is missing or wrong, the columns found,
+    and how to fix it: an empty split, rows without a label (or review), ids outside the task's classes, other class
+    names. Reads the label column (and a text task's reviews) once, decoding no image.
     """
     spec = get_task_spec(task)
     columns = list(dataset.column_names)
@@ -227,16 +231,6 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
         )
     if len(dataset) == 0:
         raise ValueError(f"The {task} {split!r} split has no rows; give it labelled examples.")
-    if isinstance(label_feature, ClassLabel) and list(label_feature.names) != list(spec.label_names):
-        # the names say what each id means: the same classes in another order are renumbered; other classes refused
-        if sorted(name.lower() for name in label_feature.names) != sorted(name.lower() for name in spec.label_names):
-            raise ValueError(
-                f"The {task} {split!r} split's {spec.label_column!r} column names the classes {list(label_feature.names)}, "
-                f"but the {task} task's model predicts {list(spec.label_names)}. Pass {task} data, or relabel yours to "
-                "those classes."
-            )
-        logger.info("The %s %r split numbers its classes %s; renumbered as %s.", task, split, label_feature.names, spec.label_names)
-        dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(spec.label_names)}, spec.label_column)
     arrow = dataset.with_format("arrow")  # honours select()/filter() indices, and reads columns without decoding anything
     checked = [(spec.label_column, "label")] + ([(spec.input_column, "review")] if spec.modality == "text" else [])
     for column, what in checked:  # (an image column is not read here: that would copy every image's bytes)
@@ -253,6 +247,16 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
             f"Labels of the {task} {split!r} split range over [{low}, {high}] but must lie in [0, {spec.num_labels - 1}] "
             f"({list(spec.label_names)}). Unlabelled rows (label -1, e.g. IMDB's 'unsupervised' split) must be filtered out."
         )
+    if isinstance(label_feature, ClassLabel) and list(label_feature.names) != list(spec.label_names):
+        # the names say what each id means: the same classes in another order are renumbered; other classes refused
+        if sorted(name.lower() for name in label_feature.names) != sorted(name.lower() for name in spec.label_names):
+            raise ValueError(
+                f"The {task} {split!r} split's {spec.label_column!r} column names the classes {list(label_feature.names)}, "
+                f"but the {task} task's model predicts {list(spec.label_names)}. Pass {task} data, or relabel yours to "
+                "those classes."
+            )
+        logger.info("The %s %r split numbers its classes %s; renumbered as %s.", task, split, label_feature.names, spec.label_names)
+        dataset = dataset.align_labels_with_mapping({name: index for index, name in enumerate(spec.label_names)}, spec.label_column)
     return dataset
 
 

@@ -109,8 +109,8 @@ class PruningEnv(gym.Env):
             if floor > self.budget * (1 + 1e-9):
                 fix = f"Raise the target: even one unit per group costs {floor / self.dense_cost:.3f} x dense."
             elif self.width_multiple > 1 and self.cost(unsnapped) <= self.budget * (1 + 1e-9):
-                fix = (f"width_multiple={self.width_multiple} rounds each group's minimum up to {self.width_multiple} units: "
-                       "lower width_multiple (1: any width) or raise the target.")
+                fix = (f"width_multiple={self.width_multiple} rounds each group's minimum up to a multiple of "
+                       f"{self.width_multiple}: lower width_multiple (1: any width) or raise the target.")
             else:
                 fix = "Raise the target or lower min_keep."
             raise ValueError(

@@ -100,9 +100,6 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
     (IMDB: as many epochs as the reward split says help)."""
     from transformers import Trainer, TrainingArguments
 
-    if len(task_data.train) < batch_size:  # the last partial batch is dropped: no batch at all would be left
-        raise ValueError(f"{len(task_data.train)} training rows are fewer than the pre-training batch size {batch_size}; "
-                         "lower it (scripts/prune.py: --pretrain_batch_size) or give more training data.")
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -119,6 +116,10 @@ def pretrain(model, task_data: TaskData, output_dir: str, epochs: float, learnin
         disable_tqdm=True,
         max_grad_norm=0.0,  # the plan's (Keras) recipe clips nothing, nor does benchmark.py's pre-training loop
     )
+    if len(task_data.train) < batch_size * args.world_size:  # each process drops its last partial batch: none would be left
+        raise ValueError(f"{len(task_data.train)} training rows are fewer than one pre-training batch of {batch_size} for each "
+                         f"of {args.world_size} process(es); lower the batch size (scripts/prune.py: --pretrain_batch_size) "
+                         "or give more training data.")
     callbacks = []
     if patience is not None:
         callbacks.append(KeepBestEpoch(lambda m: evaluate_accuracy(m, task_data.reward, task_data.eval_collator), patience))

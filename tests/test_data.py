@@ -173,6 +173,10 @@ def test_class_names_decide_what_an_id_means(synthetic_imdb):
     loaded = load_task_dataset("imdb", DatasetDict({"train": swapped, "test": synthetic_imdb["test"]}))["train"]
     assert loaded.features["label"].names == ["neg", "pos"]
     assert loaded["label"] == [1 - label for label in synthetic_imdb["train"]["label"]]  # "pos" was 0, is now 1
+    unlabelled = Dataset.from_dict({"text": ["a", "b"], "label": [0, -1]})  # the range check comes first: its own message
+    with pytest.raises(ValueError, match=r"range over \[-1, 0\]"):
+        load_task_dataset("imdb", DatasetDict({"train": unlabelled.cast_column("label", ClassLabel(names=["pos", "neg"])),
+                                                "test": synthetic_imdb["test"]}))
     other = synthetic_imdb["train"].cast_column("label", ClassLabel(names=["cat", "dog"]))
     with pytest.raises(ValueError, match=r"names the classes \['cat', 'dog'\], but the imdb task's model predicts \['neg', 'pos'\]"):
         load_task_dataset("imdb", DatasetDict({"train": other, "test": synthetic_imdb["test"]}))

@@ -123,7 +123,7 @@ def test_impossible_budget_is_a_clear_error():
     # the minimum is one multiple of width_multiple per group: it is that which cannot fit, not min_keep
     small = RLPruneCNNConfig(num_channels=1, image_size=7, padding="valid", kernel_size=1, conv_channels=[6, 5], pool_after=[0, 1],
                              use_batch_norm=True, hidden_sizes=[], num_labels=2)
-    with pytest.raises(ValueError, match="width_multiple=4 rounds each group's minimum up to 4 units: lower width_multiple"):
+    with pytest.raises(ValueError, match="width_multiple=4 rounds each group's minimum up to a multiple of 4: lower width_multiple"):
         PruningEnv(small, constant_accuracy, target=0.3, budget_kind="params", width_multiple=4)
     PruningEnv(small, constant_accuracy, target=0.3, budget_kind="params", width_multiple=1)  # as the message says
     with pytest.raises(ValueError, match="target"):

@@ -108,7 +108,7 @@ def test_data_that_cannot_train_the_model_is_refused_before_training(tmp_path):
     check_images_fit(task_data, build_model("cifar10", "small"))  # 32x32, as the synthetic data
     with pytest.raises(ValueError, match="The train split's images are 32x32 with 3 channels, but the model takes 16x16 with 3"):
         check_images_fit(task_data, RLPruneCNNForImageClassification(RLPruneCNNConfig(image_size=16, conv_channels=[4], hidden_sizes=[8])))
-    with pytest.raises(ValueError, match="90 training rows are fewer than the pre-training batch size 128; lower it"):
+    with pytest.raises(ValueError, match=r"90 training rows are fewer than one pre-training batch of 128 for each of 1 process\(es\); lower the batch size"):
         pretrain(build_model("cifar10", "small"), task_data, str(tmp_path / "dense"), epochs=1, use_cpu=True)
     assert not (tmp_path / "dense").exists()
 
