@@ -95,6 +95,8 @@ def get_task_spec(task: str) -> TaskSpec:
 def load_task_dataset(
     task: str,
     dataset_name_or_path: str | os.PathLike | Mapping[str, str | Sequence[str]] | DatasetDict | None = None,
+    input_column: str | None = None,
+    label_column: str | None = None,
     **load_kwargs,
 ) -> DatasetDict:
     """Load a task's "train" and "test" splits and check their columns.
@@ -109,6 +111,8 @@ def load_task_dataset(
               `DatasetDict.save_to_disk`;
             - a dict of parquet files per split, e.g. {"train": "a/train.parquet", "test": ["t0.parquet", ...]};
             - a `DatasetDict` already in memory (only checked).
+        input_column, label_column: the data's columns of images (reviews) and class ids, when they are named otherwise
+            than the task's (`img` / `text`, `label`); renamed to those.
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `cache_dir`, `revision`, `num_proc`).
 
     Returns:
@@ -133,7 +137,14 @@ def load_task_dataset(
             f"The {task} data lacks split(s) {missing_splits}; found splits {list(loaded)}. Name the parquet files "
             f"`train-*.parquet` and `test-*.parquet`, or pass a dict {{'train': ..., 'test': ...}} of files."
         )
-    return DatasetDict({split: check_task_columns(loaded[split], task, split=split) for split in _REQUIRED_SPLITS})
+    renames = {given: wanted for given, wanted in ((input_column, spec.input_column), (label_column, spec.label_column))
+               if given is not None and given != wanted}
+    for split in _REQUIRED_SPLITS:
+        absent = [given for given in renames if given not in loaded[split].column_names]
+        if absent:
+            raise ValueError(f"The {task} {split!r} split has no column(s) {absent} to use; its columns are "
+                             f"{loaded[split].column_names}.")
+    return DatasetDict({split: check_task_columns(loaded[split].rename_columns(renames), task, split=split) for split in _REQUIRED_SPLITS})
 
 
 def _load_parquet_files(spec: TaskSpec, data_files: Mapping, load_kwargs: dict) -> DatasetDict:
@@ -206,8 +217,8 @@ def check_task_columns(dataset: Dataset, task: str, split: str = "train") -> Dat
         raise ValueError(
             f"The {task} {split!r} split lacks column(s) {missing}; found columns {columns}. The {task} task expects "
             f"{spec.input_column!r} ({what}) and {spec.label_column!r} (class ids 0..{spec.num_labels - 1}), as in the "
-            f"Hub dataset {spec.hub_id}. Fix: dataset.rename_column(<your column>, {missing[0]!r}) before passing it, "
-            f"or pass data with the {spec.hub_id} layout."
+            f"Hub dataset {spec.hub_id}. Fix: name your columns (load_task_dataset(..., input_column=..., label_column=...); "
+            f"scripts/prune.py --input_column / --label_column), or pass data with the {spec.hub_id} layout."
         )
 
     input_feature = dataset.features[spec.input_column]

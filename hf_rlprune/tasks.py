@@ -53,14 +53,15 @@ class TaskData:
 
 
 def prepare_task(task: str, dataset=None, reward_size=0.1, seed=0, smoke=False, max_train_samples=None,
-                 vocab_size=20000, max_length=256, tokenizer=None, cache_dir=None) -> TaskData:
+                 vocab_size=20000, max_length=256, tokenizer=None, cache_dir=None, input_column=None, label_column=None) -> TaskData:
     """Load `task`'s data (Hub id, local folder, or synthetic for `smoke`), carve the reward split, and build the
-    model-ready datasets and collators."""
+    model-ready datasets and collators. `input_column` / `label_column` name the data's columns when they differ
+    from the task's."""
     spec = get_task_spec(task)
     if smoke:
         raw = make_synthetic_cifar(1200, 300, seed=seed) if task == "cifar10" else make_synthetic_imdb(1200, 300, seed=seed)
     else:
-        raw = load_task_dataset(task, dataset)
+        raw = load_task_dataset(task, dataset, input_column=input_column, label_column=label_column)
     train_raw = raw["train"]
     if max_train_samples is not None and max_train_samples < len(train_raw):
         train_raw = train_raw.shuffle(seed=seed).select(range(max_train_samples))

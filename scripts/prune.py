@@ -66,6 +66,9 @@ class ScriptArguments:
     pretrain_batch_size: int = field(default=128, metadata={"help": "Pre-training batch size (the plan: 128)."})
     reward_size: float = field(default=0.1, metadata={"help": "Fraction (or count, if > 1) of training data held out for the reward."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+    input_column: str | None = field(default=None, metadata={"help": "The data's column of images (CIFAR-10) or reviews (IMDB), "
+                                                                     "if not named as on the Hub ('img', 'text')."})
+    label_column: str | None = field(default=None, metadata={"help": "The data's column of class ids, if not 'label'."})
     vocab_size: int = field(default=20000, metadata={"help": "IMDB: word vocabulary size of the trained tokenizer."})
     max_length: int | None = field(
         default=None, metadata={"help": "IMDB: tokens kept per review (default: a loaded model's max_seq_length, else 256)."})
@@ -238,7 +241,8 @@ def main(argv=None):
         check_budget(model, prune, training)
     task_data = prepare_task(script.task, script.dataset_dir, reward_size=script.reward_size if script.reward_size < 1 else int(script.reward_size),
                              seed=training.seed, smoke=script.smoke, max_train_samples=script.max_train_samples,
-                             vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer)
+                             vocab_size=script.vocab_size, max_length=script.max_length, tokenizer=tokenizer,
+                             input_column=script.input_column, label_column=script.label_column)
     if model is None:
         model = build_model(script.task, script.model_preset, task_data, max_length=script.max_length, lstm_pooling=script.lstm_pooling,
                             lstm_dropout=script.lstm_dropout, lstm_embedding_dropout=script.lstm_embedding_dropout)

@@ -125,7 +125,13 @@ def test_missing_column_error_names_columns_and_fix(synthetic_imdb):
         load_task_dataset("imdb", renamed)
     message = str(info.value)
     assert "lacks column(s) ['text']" in message and "found columns ['review', 'label']" in message
-    assert "rename_column" in message
+    assert "input_column=" in message and "--input_column" in message
+    # the fix the message names: the data's own column names (the command line's --input_column / --label_column)
+    named = DatasetDict({split: ds.rename_column("label", "sentiment") for split, ds in renamed.items()})
+    loaded = load_task_dataset("imdb", named, input_column="review", label_column="sentiment")
+    assert loaded["train"].column_names == ["text", "label"] and loaded["train"]["text"] == synthetic_imdb["train"]["text"]
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['sentence'\] to use; its columns are \['review', 'sentiment'\]"):
+        load_task_dataset("imdb", named, input_column="sentence", label_column="sentiment")
 
 
 def test_image_alias_is_renamed_and_wrong_types_rejected(synthetic_cifar):

@@ -231,6 +231,30 @@ def test_an_output_dir_that_is_a_file_is_refused_before_loading_data(tmp_path, m
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_the_datas_own_column_names_from_the_command_line(tmp_path, monkeypatch):
+    from hf_rlprune.data import make_synthetic_imdb
+
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    for split, dataset in make_synthetic_imdb(200, 50, seed=0).items():
+        dataset.rename_columns({"text": "review", "label": "sentiment"}).to_parquet(folder / f"{split}.parquet")
+    prune = load_prune_script()
+    seen = {}
+
+    def stop_before_training(model, task_data, *args, **kwargs):
+        seen["task_data"] = task_data
+        raise KeyboardInterrupt  # the data is what this test is about
+
+    monkeypatch.setattr(prune, "pretrain", stop_before_training)
+    common = ["--task", "imdb", "--dataset_dir", str(folder), "--vocab_size", "200", "--max_length", "16",
+              "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="lacks column.*--input_column / --label_column"):
+        prune.main(common)
+    with pytest.raises(KeyboardInterrupt):
+        prune.main([*common, "--input_column", "review", "--label_column", "sentiment"])
+    assert len(seen["task_data"].train) + len(seen["task_data"].reward) == 200 and "input_ids" in seen["task_data"].train.column_names
+
+
 @pytest.fixture(scope="module")
 def latency_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("latency")  # one table for the tests below: measured once, then loaded
